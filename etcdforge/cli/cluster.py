@@ -1,0 +1,126 @@
+"""Local cluster lifecycle: up, down, status, env."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import click
+
+from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, warn
+
+if TYPE_CHECKING:
+    from etcdforge.ops.status import MemberStatus
+    from etcdforge.ops.target import Selection
+
+
+@click.command("up")
+@cluster_options
+@click.option("--members", type=click.IntRange(1, 7), help="Member count for the default cluster.")
+@click.option("--allow-even", is_flag=True, help="Accept an even member count.")
+@click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for every member to be healthy.",
+)
+def up_cmd(
+    selection: Selection, members: int | None, allow_even: bool, dry_run: bool, timeout: float
+) -> None:
+    """Create or resume a local mutual-TLS cluster and wait until it is healthy."""
+    from etcdforge.ops.up import up
+
+    result = up(selection, members, allow_even, dry_run, progress_printer(), timeout)
+    for message in result.warnings:
+        warn(message)
+    if dry_run:
+        click.echo(f"cluster {result.cluster}: {len(result.pending)} step(s) would run")
+        for title in result.pending:
+            click.echo(f"  - {title}")
+        return
+    summary = f"cluster {result.cluster}: {result.members} member(s), etcd {result.version}"
+    if not result.changed:
+        click.echo(f"{summary}: already running and healthy; nothing changed")
+    elif result.started:
+        click.echo(f"{summary}: started {', '.join(result.started)}; all healthy")
+    else:
+        click.echo(f"{summary}: updated files; all healthy")
+    click.echo(f'state: {result.state_dir}   next: eval "$(etcdforge env)"; etcdforge status')
+
+
+@click.command("down")
+@cluster_options
+@click.option("--purge", is_flag=True, help="Also delete the data directories and the PKI.")
+def down_cmd(selection: Selection, purge: bool) -> None:
+    """Stop the local members (their data and PKI stay unless --purge)."""
+    from etcdforge.ops.down import down
+
+    result = down(selection, purge, progress_printer())
+    stopped = ", ".join(result.stopped) if result.stopped else "nothing was running"
+    click.echo(f"cluster {result.cluster}: stopped {stopped}")
+    if purge:
+        click.echo(f"deleted {len(result.purged)} path(s): data and PKI are gone")
+
+
+@click.command("status")
+@cluster_options
+@click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+def status_cmd(selection: Selection, output: str) -> None:
+    """Member, endpoint, version, leader, raft term/index, db size, health. Exit 1 if unhealthy."""
+    from etcdforge.ops.status import status
+
+    record, rows = status(selection)
+    if output == "json":
+        click.echo(json.dumps([r.as_json() for r in rows], indent=2))
+    else:
+        _print_status_table(record.name, rows)
+    if not all(r.healthy for r in rows):
+        raise click.exceptions.Exit(EXIT_ERROR)
+
+
+def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cluster {cluster}", title_justify="left")
+    for column in ("member", "endpoint", "version", "leader", "term", "index", "db size", "health"):
+        table.add_column(
+            column, justify="right" if column in ("term", "index", "db size") else "left"
+        )
+    for row in rows:
+        health = "[green]healthy[/]" if row.healthy else f"[red]{row.error or 'unhealthy'}[/]"
+        table.add_row(
+            row.name,
+            row.endpoint,
+            row.version or "-",
+            "*" if row.is_leader else "",
+            str(row.raft_term) if row.raft_term is not None else "-",
+            str(row.raft_index) if row.raft_index is not None else "-",
+            _human_size(row.db_size),
+            health,
+        )
+    Console().print(table)
+
+
+def _human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+@click.command("env")
+@cluster_options
+def env_cmd(selection: Selection) -> None:
+    """Print shell exports for etcdctl: eval "$(etcdforge env)"."""
+    from etcdforge.ops.env import env_vars, render_exports
+
+    click.echo(render_exports(env_vars(selection)), nl=False)

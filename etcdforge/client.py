@@ -1,0 +1,211 @@
+"""The etcd v3 API over its JSON gateway (grpc-gateway) with mutual TLS, via httpx.
+
+The gateway speaks JSON on the client port: 64-bit integers arrive as decimal strings, fields
+with zero values are omitted and keys/values are base64. Queries to several members run
+concurrently so that a status of 7 members costs about as much as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+import types
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+# httpx's optional command-line entry point pulls in rich, pygments and click at import time
+# (half of httpx's import cost); we never use it, so an empty stand-in keeps `status` quick.
+sys.modules.setdefault("httpx._main", types.ModuleType("httpx._main"))
+import httpx  # noqa: E402
+
+from etcdforge.errors import EtcdClientError  # noqa: E402
+from etcdforge.tls import TLSFiles  # noqa: E402
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class EndpointStatus:
+    endpoint: str
+    member_id: str | None = None
+    version: str | None = None
+    db_size: int | None = None
+    leader: str | None = None
+    raft_term: int | None = None
+    raft_index: int | None = None
+    is_learner: bool = False
+    healthy: bool = False
+    errors: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.member_id is not None and self.member_id == self.leader
+
+
+@dataclass(frozen=True)
+class Member:
+    id: str
+    name: str
+    peer_urls: tuple[str, ...]
+    client_urls: tuple[str, ...]
+    is_learner: bool = False
+
+
+def _b64(text: str | bytes) -> str:
+    raw = text.encode() if isinstance(text, str) else text
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def describe_error(endpoint: str, exc: BaseException) -> str:
+    """One short line for a failed request, naming the endpoint."""
+    if isinstance(exc, httpx.ConnectError):
+        cause = str(exc) or "connection refused"
+        if "CERTIFICATE_VERIFY_FAILED" in cause:
+            cause = "server certificate not trusted by the cluster CA"
+        elif "refused" in cause.lower() or "Errno 111" in cause:
+            cause = "connection refused"
+        return f"{endpoint}: {cause}"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"{endpoint}: timed out"
+    if isinstance(exc, httpx.HTTPError):
+        return f"{endpoint}: {exc.__class__.__name__}: {exc}"
+    return f"{endpoint}: {exc}"
+
+
+class EtcdClient:
+    """A small async client; use `async with` or call `aclose()`."""
+
+    def __init__(
+        self, endpoints: Sequence[str], tls: TLSFiles, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        if not endpoints:
+            raise EtcdClientError("no etcd endpoints given")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._http = httpx.AsyncClient(verify=tls.context(), timeout=timeout)
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, endpoint: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            response = await self._http.post(f"{endpoint}{path}", json=body or {})
+        except httpx.HTTPError as exc:
+            raise EtcdClientError(describe_error(endpoint, exc)) from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = {}
+        if response.status_code != 200 or "error" in payload:
+            message = payload.get("message") or payload.get("error") or response.text.strip()
+            raise EtcdClientError(f"{endpoint}{path}: {message or response.status_code}")
+        return payload
+
+    async def first_ok(self, request: Callable[[str], Awaitable[T]]) -> T:
+        """Try each endpoint in turn; the first answer wins (a dead member is not fatal)."""
+        errors = []
+        for endpoint in self.endpoints:
+            try:
+                return await request(endpoint)
+            except EtcdClientError as exc:
+                errors.append(str(exc))
+        raise EtcdClientError("no endpoint answered: " + "; ".join(errors))
+
+    # --- maintenance ------------------------------------------------------------------------
+
+    async def health(self, endpoint: str) -> tuple[bool, str | None]:
+        try:
+            response = await self._http.get(f"{endpoint}/health")
+        except httpx.HTTPError as exc:
+            return False, describe_error(endpoint, exc)
+        try:
+            payload = response.json()
+        except ValueError:
+            return False, f"{endpoint}/health: not JSON ({response.status_code})"
+        if str(payload.get("health")) == "true":
+            return True, None
+        reason = payload.get("reason") or "unhealthy"
+        return False, f"{endpoint}: {reason}"
+
+    async def status(self, endpoint: str) -> EndpointStatus:
+        """Status and health of one member; failures are reported in the result, not raised."""
+        try:
+            payload, (healthy, health_error) = await asyncio.gather(
+                self.call(endpoint, "/v3/maintenance/status"), self.health(endpoint)
+            )
+        except EtcdClientError as exc:
+            return EndpointStatus(endpoint=endpoint, error=str(exc))
+        header = payload.get("header", {})
+        errors = tuple(payload.get("errors", []))
+        return EndpointStatus(
+            endpoint=endpoint,
+            member_id=header.get("member_id"),
+            version=payload.get("version"),
+            db_size=int(payload.get("dbSize", 0)),
+            leader=payload.get("leader"),
+            raft_term=int(payload.get("raftTerm", 0)),
+            raft_index=int(payload.get("raftIndex", 0)),
+            is_learner=bool(payload.get("isLearner", False)),
+            healthy=healthy and not errors,
+            errors=errors,
+            error=health_error or ("; ".join(errors) if errors else None),
+        )
+
+    async def statuses(self) -> list[EndpointStatus]:
+        return list(await asyncio.gather(*(self.status(e) for e in self.endpoints)))
+
+    # --- cluster ----------------------------------------------------------------------------
+
+    async def member_list(self) -> list[Member]:
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/cluster/member/list"))
+        return [
+            Member(
+                id=m["ID"],
+                name=m.get("name", ""),
+                peer_urls=tuple(m.get("peerURLs", [])),
+                client_urls=tuple(m.get("clientURLs", [])),
+                is_learner=bool(m.get("isLearner", False)),
+            )
+            for m in payload.get("members", [])
+        ]
+
+    # --- kv ---------------------------------------------------------------------------------
+
+    async def put(self, key: str | bytes, value: str | bytes, endpoint: str | None = None) -> int:
+        body = {"key": _b64(key), "value": _b64(value)}
+        if endpoint is not None:
+            payload = await self.call(endpoint, "/v3/kv/put", body)
+        else:
+            payload = await self.first_ok(lambda e: self.call(e, "/v3/kv/put", body))
+        return int(payload.get("header", {}).get("revision", 0))
+
+    async def get(self, key: str | bytes, endpoint: str | None = None) -> bytes | None:
+        body = {"key": _b64(key)}
+        if endpoint is not None:
+            payload = await self.call(endpoint, "/v3/kv/range", body)
+        else:
+            payload = await self.first_ok(lambda e: self.call(e, "/v3/kv/range", body))
+        kvs = payload.get("kvs", [])
+        return _unb64(kvs[0].get("value", "")) if kvs else None
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run one client coroutine from synchronous code."""
+
+    async def _main() -> T:
+        return await coro
+
+    return asyncio.run(_main())

@@ -1,0 +1,52 @@
+"""Local file writes that never leave a half-written or world-readable file behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+PUBLIC_FILE = 0o644
+
+
+def ensure_dir(path: Path, mode: int = PRIVATE_DIR) -> Path:
+    """Create `path` (and parents) and force its mode: etcd refuses lax data-dir modes."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    os.chmod(path, mode)
+    return path
+
+
+def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> bool:
+    """Write via a temp file and rename; returns False when the content was already there.
+
+    The temp file is created with the final mode, so a key is never readable by others, and the
+    rename means a reader (etcd re-reading its certificate) sees either the old or the new file.
+    """
+    try:
+        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

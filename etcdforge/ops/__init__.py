@@ -1,0 +1,1 @@
+"""Operations: each builds a plan of steps that check live state first, so a rerun resumes."""

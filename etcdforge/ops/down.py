@@ -1,0 +1,43 @@
+"""`etcdforge down`: stop the local members; with purge, delete their data and the PKI too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from etcdforge.fsutil import remove_tree
+from etcdforge.ops.plan import Progress
+from etcdforge.ops.target import Selection, record_for
+from etcdforge.services import local
+
+
+@dataclass(frozen=True)
+class DownResult:
+    cluster: str
+    stopped: tuple[str, ...]
+    purged: tuple[Path, ...]
+
+
+def down(selection: Selection, purge: bool = False, progress: Progress | None = None) -> DownResult:
+    record = record_for(selection)
+    layout = record.layout
+    stopped = []
+    for member in record.members:
+        files = layout.member(member.name)
+        if local.running_pid(files.pid_file, files.config_file) is not None:
+            if progress:
+                progress(f"stop {member.name}")
+            local.stop(files.pid_file, files.config_file)
+            stopped.append(member.name)
+    purged: list[Path] = []
+    if purge:
+        # Members are all stopped above (stop raises if one survives), so nothing is in use.
+        for member in record.members:
+            data_dir = Path(member.data_dir)
+            if data_dir.exists():
+                remove_tree(data_dir)
+                purged.append(data_dir)
+        if layout.root.exists():
+            remove_tree(layout.root)
+            purged.append(layout.root)
+    return DownResult(cluster=record.name, stopped=tuple(stopped), purged=tuple(purged))

@@ -1,0 +1,53 @@
+"""`etcdforge status`: one row per member from the live cluster, queried concurrently."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from etcdforge.client import EtcdClient, run
+from etcdforge.ops.target import Selection, record_for
+from etcdforge.record import ClusterRecord
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    name: str
+    endpoint: str
+    version: str | None
+    is_leader: bool
+    healthy: bool
+    db_size: int | None
+    raft_term: int | None
+    raft_index: int | None
+    error: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def query_status(record: ClusterRecord) -> list[MemberStatus]:
+    async def gather() -> list[MemberStatus]:
+        async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
+            statuses = await client.statuses()
+        return [
+            MemberStatus(
+                name=record.name_of(s.endpoint),
+                endpoint=s.endpoint,
+                version=s.version,
+                is_leader=s.is_leader,
+                healthy=s.healthy,
+                db_size=s.db_size,
+                raft_term=s.raft_term,
+                raft_index=s.raft_index,
+                error=s.error,
+            )
+            for s in statuses
+        ]
+
+    return run(gather())
+
+
+def status(selection: Selection) -> tuple[ClusterRecord, list[MemberStatus]]:
+    record = record_for(selection)
+    return record, query_status(record)

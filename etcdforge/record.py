@@ -1,0 +1,102 @@
+"""The cluster record: what `up` deployed, read back by status/env/down without re-validating.
+
+Kept as JSON in the state dir so that read-only commands stay fast (no spec parsing, no
+certificate work) and so that a rerun reuses the same initial-cluster token.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from etcdforge.errors import StateError
+from etcdforge.fsutil import PRIVATE_FILE, atomic_write
+from etcdforge.layout import StateLayout
+from etcdforge.tls import TLSFiles
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    name: str
+    client_url: str
+    peer_url: str
+    data_dir: str
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    name: str
+    token: str
+    binary: str
+    version: str
+    members: tuple[MemberRecord, ...]
+    spec: dict[str, Any]
+    state_dir: str
+
+    @property
+    def layout(self) -> StateLayout:
+        data_root = self.spec.get("data_dir")
+        return StateLayout(Path(self.state_dir), Path(data_root) if data_root else None)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.client_url for m in self.members]
+
+    @property
+    def admin_tls(self) -> TLSFiles:
+        layout = self.layout
+        return TLSFiles(ca=layout.ca_cert, cert=layout.admin_cert, key=layout.admin_key)
+
+    def name_of(self, client_url: str) -> str:
+        for member in self.members:
+            if member.client_url == client_url:
+                return member.name
+        return "?"
+
+    def to_json(self) -> bytes:
+        payload = {"record_version": RECORD_VERSION, **asdict(self)}
+        return (json.dumps(payload, indent=2, default=str) + "\n").encode()
+
+
+def new_token(cluster: str) -> str:
+    """Unique per cluster: the same token and peer URLs would give identical cluster IDs."""
+    return f"{cluster}-{secrets.token_hex(8)}"
+
+
+def write_record(layout: StateLayout, record: ClusterRecord) -> bool:
+    return atomic_write(layout.cluster_file, record.to_json(), PRIVATE_FILE)
+
+
+def read_record(state_dir: Path) -> ClusterRecord | None:
+    path = state_dir / "cluster.json"
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as exc:
+        raise StateError(
+            f"{path}: unreadable cluster record ({exc}); remove it to start over"
+        ) from None
+    try:
+        payload.pop("record_version", None)
+        members = tuple(MemberRecord(**m) for m in payload.pop("members"))
+        return ClusterRecord(members=members, **payload)
+    except (KeyError, TypeError) as exc:
+        raise StateError(
+            f"{path}: malformed cluster record ({exc}); remove it to start over"
+        ) from None
+
+
+def require_record(state_dir: Path, cluster: str) -> ClusterRecord:
+    record = read_record(state_dir)
+    if record is None:
+        raise StateError(
+            f"no cluster {cluster!r} at {state_dir}; run `etcdforge up` first "
+            "(or pass -f/--state-dir for another cluster)"
+        )
+    return record

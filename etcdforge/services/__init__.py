@@ -1,0 +1,1 @@
+"""How members are started and stopped: a local supervisor now, systemd on real hosts."""

@@ -1,0 +1,307 @@
+"""The cluster description: a YAML file validated with pydantic, or the embedded default.
+
+Every validation error becomes one `SpecError` line that names the file, the YAML line and the
+field, so a user fixes the spec before anything is started or written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from etcdforge.errors import SpecError
+
+SAFE_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+MAX_MEMBERS = 7
+DEFAULT_MEMBER_COUNTS = (1, 3, 5, 7)
+
+
+class KeyAlgorithm(StrEnum):
+    ECDSA_P256 = "ecdsa-p256"
+    RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
+    RSA_4096 = "rsa-4096"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def is_hostname(value: str) -> bool:
+    if not value or len(value) > 253 or is_ip(value):
+        return False
+    labels = value.rstrip(".").split(".")
+    # An all-numeric last label is a malformed IP, not a hostname.
+    return all(HOSTNAME_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(address: str) -> str:
+    """IPv6 literals need brackets inside URLs."""
+    return f"[{address}]" if ":" in address else address
+
+
+class MemberSpec(_Strict):
+    name: str
+    address: str
+    client_port: int = Field(default=2379, ge=1, le=65535)
+    peer_port: int = Field(default=2380, ge=1, le=65535)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, value: str) -> str:
+        if not SAFE_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a safe member name: use lowercase letters, digits, '.', '-' "
+                "or '_', starting and ending with a letter or digit (it becomes a file name)"
+            )
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_host(cls, value: str) -> str:
+        if not (is_ip(value) or is_hostname(value)):
+            raise ValueError(f"{value!r} is not a valid IP address or hostname")
+        return value
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Self:
+        if self.client_port == self.peer_port:
+            raise ValueError(
+                f"client_port and peer_port are both {self.client_port}; give them different ports"
+            )
+        return self
+
+    @property
+    def client_url(self) -> str:
+        return f"https://{url_host(self.address)}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"https://{url_host(self.address)}:{self.peer_port}"
+
+
+class PKISpec(_Strict):
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.ECDSA_P256
+    ca_validity_days: int = Field(default=3650, ge=1, le=36500)
+    cert_validity_days: int = Field(default=365, ge=1, le=36500)
+
+    @model_validator(mode="after")
+    def _leaves_within_ca(self) -> Self:
+        if self.cert_validity_days > self.ca_validity_days:
+            raise ValueError(
+                f"cert_validity_days ({self.cert_validity_days}) exceeds ca_validity_days "
+                f"({self.ca_validity_days}); a certificate cannot outlive its CA"
+            )
+        return self
+
+
+class EtcdSpec(_Strict):
+    binary: Path | None = None
+    allow_unsafe_version: bool = False
+
+    @field_validator("binary")
+    @classmethod
+    def _binary_absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"{str(value)!r} must be an absolute path to the etcd binary")
+        return value
+
+
+class ClusterSpec(_Strict):
+    name: str = "default"
+    members: list[MemberSpec] = Field(min_length=1)
+    etcd: EtcdSpec = EtcdSpec()
+    pki: PKISpec = PKISpec()
+    state_dir: Path | None = None
+    data_dir: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _cluster_name_is_safe(cls, value: str) -> str:
+        if not SAFE_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a safe cluster name: use lowercase letters, digits, '.', '-' "
+                "or '_', starting and ending with a letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _members_consistent(self, info: ValidationInfo) -> Self:
+        count = len(self.members)
+        if count > MAX_MEMBERS:
+            raise ValueError(
+                f"{count} members is more than {MAX_MEMBERS}; larger etcd clusters are slower "
+                "and no safer"
+            )
+        allow_even = bool((info.context or {}).get("allow_even", False))
+        if count % 2 == 0 and not allow_even:
+            raise ValueError(
+                f"{count} members is an even count: it tolerates no more failures than "
+                f"{count - 1}; use an odd count or pass --allow-even"
+            )
+        names: dict[str, int] = {}
+        endpoints: dict[tuple[str, int], str] = {}
+        for index, member in enumerate(self.members):
+            if member.name in names:
+                raise ValueError(
+                    f"members[{index}].name: {member.name!r} is already used by "
+                    f"members[{names[member.name]}]; member names must be unique"
+                )
+            names[member.name] = index
+            for port in (member.client_port, member.peer_port):
+                key = (member.address, port)
+                if key in endpoints:
+                    raise ValueError(
+                        f"members[{index}].address: {member.address}:{port} is already used by "
+                        f"member {endpoints[key]}; give each member its own address or ports"
+                    )
+                endpoints[key] = member.name
+            if not is_loopback(member.address):
+                raise ValueError(
+                    f"members[{index}].address: {member.address} is not a loopback address; "
+                    "a local cluster runs on this machine, so use 127.x.y.z"
+                )
+        return self
+
+    def member(self, name: str) -> MemberSpec:
+        for member in self.members:
+            if member.name == name:
+                return member
+        known = ", ".join(m.name for m in self.members)
+        raise SpecError(f"no member named {name!r} in cluster {self.name} (members: {known})")
+
+    @property
+    def client_endpoints(self) -> list[str]:
+        return [m.client_url for m in self.members]
+
+    @property
+    def initial_cluster(self) -> str:
+        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+
+def default_spec(members: int = 3, name: str = "default") -> ClusterSpec:
+    """The embedded local cluster: distinct loopback addresses on the standard ports."""
+    data = {
+        "name": name,
+        "members": [
+            {"name": f"etcd-{i}", "address": f"127.0.1.{i}"} for i in range(1, members + 1)
+        ],
+    }
+    return parse_spec(data, source="<default>", allow_even=members % 2 == 0)
+
+
+def parse_spec(
+    data: Any, source: str, allow_even: bool = False, root: yaml.Node | None = None
+) -> ClusterSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping with 'name' and 'members' at the top level")
+    try:
+        return ClusterSpec.model_validate(data, context={"allow_even": allow_even})
+    except ValidationError as exc:
+        raise SpecError(_describe(exc, source, root)) from None
+
+
+def load_spec(path: Path, allow_even: bool = False) -> ClusterSpec:
+    """Read and validate a cluster YAML file, naming the line of the first error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file; pass the cluster YAML with -f PATH") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise SpecError(
+            f"{path}: cannot read the cluster file ({exc.__class__.__name__})"
+        ) from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise SpecError(f"{where}: {problem}; fix the YAML syntax") from None
+    spec = parse_spec(data, source=str(path), allow_even=allow_even, root=root)
+    if spec.state_dir is not None and not spec.state_dir.is_absolute():
+        spec = spec.model_copy(update={"state_dir": (path.parent / spec.state_dir).resolve()})
+    if spec.data_dir is not None and not spec.data_dir.is_absolute():
+        spec = spec.model_copy(update={"data_dir": (path.parent / spec.data_dir).resolve()})
+    return spec
+
+
+def _describe(exc: ValidationError, source: str, root: yaml.Node | None) -> str:
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = f"unknown key {loc[-1]!r}; check its spelling (see the README for the fields)"
+    field = _format_loc(loc)
+    # A model-level error names its own field already ("members[1].name: ...").
+    embedded = re.match(r"^(members\[(\d+)\](?:\.(\w+))?): ", message)
+    if embedded:
+        index = int(embedded.group(2))
+        loc = ("members", index) + ((embedded.group(3),) if embedded.group(3) else ())
+        field = ""
+    line = _yaml_line(root, loc) if root is not None else None
+    where = f"{source}:{line}" if line is not None else source
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {field + ': ' if field else ''}{message}{suffix}"
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _yaml_line(root: yaml.Node, loc: tuple[Any, ...]) -> int | None:
+    """Follow a pydantic error location through the YAML node tree to a 1-based line."""
+    current: yaml.Node = root
+    line = root.start_mark.line + 1
+    for part in loc:
+        if isinstance(current, yaml.MappingNode):
+            pair = next(((k, v) for k, v in current.value if k.value == part), None)
+            if pair is None:
+                break
+            line = pair[0].start_mark.line + 1
+            current = pair[1]
+        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int):
+            if not 0 <= part < len(current.value):
+                break
+            current = current.value[part]
+            line = current.start_mark.line + 1
+        else:
+            break
+    return line
