@@ -5,7 +5,7 @@
 <state>/pki/                    CA keys live here and nowhere else
 <state>/members/<name>/pki/     the member's own server/peer keys and the CA certificates
 <state>/members/<name>/data/    etcd data dir (0700), unless the spec's data_dir moves it
-<state>/members/<name>/etcd.yaml, etcd.pid, etcd.log
+<state>/members/<name>/etcd.flags, etcd.pid, etcd.log
 ```
 """
 
@@ -66,8 +66,8 @@ class MemberLayout:
         return self.pki_dir / "peer-ca.crt"
 
     @property
-    def config_file(self) -> Path:
-        return self.root / "etcd.yaml"
+    def flags_file(self) -> Path:
+        return self.root / "etcd.flags"
 
     @property
     def pid_file(self) -> Path:

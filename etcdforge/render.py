@@ -1,19 +1,20 @@
-"""Pure rendering: a member's etcd configuration file from the spec.
+"""Pure rendering: a member's etcd settings from the spec, as flags or as an environment file.
 
-One YAML file per member passed with `--config-file` (rather than a long flag list) so that
-local members and systemd units share one renderer, a change shows up as a plain file diff, and
-no `sed` is ever needed to make member 2 out of member 1.
+The settings are one ordered mapping of etcd flag names to values. Locally they become the
+process's command line; on hosts they become an `ETCD_*` environment file next to a unit that
+never changes. Flags rather than `--config-file` because the config file cannot express every
+setting on every supported release (`peer-cert-allowed-cn` is missing before 3.5.14), and because a
+config file silently disables all flags and environment variables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from etcdforge.spec import ClusterSpec, MemberSpec
+
+Settings = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,20 @@ class MemberFiles:
     peer_trusted_ca: Path
 
 
-def etcd_config(
+def etcd_settings(
     spec: ClusterSpec,
     member: MemberSpec,
     files: MemberFiles,
     token: str,
     initial_state: str = "new",
-) -> dict[str, Any]:
-    """Mutual TLS on both ports and no plain-http listener: the seed's defects, fixed."""
-    return {
+    peer_allowed_cn: str | None = None,
+) -> Settings:
+    """Mutual TLS on both ports and no plain-http listener: the seed's defects, fixed.
+
+    `peer_allowed_cn` pins the peer port to one certificate CN; it is needed only when the peer
+    and client certificates share a CA (an imported single-CA PKI).
+    """
+    settings: Settings = {
         "name": member.name,
         "data-dir": str(files.data_dir),
         "listen-client-urls": member.client_url,
@@ -47,26 +53,30 @@ def etcd_config(
         "initial-cluster": spec.initial_cluster,
         "initial-cluster-token": token,
         "initial-cluster-state": initial_state,
-        "client-transport-security": {
-            "cert-file": str(files.server_cert),
-            "key-file": str(files.server_key),
-            "trusted-ca-file": str(files.trusted_ca),
-            "client-cert-auth": True,
-            "auto-tls": False,
-        },
-        "peer-transport-security": {
-            "cert-file": str(files.peer_cert),
-            "key-file": str(files.peer_key),
-            "trusted-ca-file": str(files.peer_trusted_ca),
-            "client-cert-auth": True,
-            "auto-tls": False,
-        },
-        "enable-v2": False,
-        "strict-reconfig-check": True,
+        "cert-file": str(files.server_cert),
+        "key-file": str(files.server_key),
+        "trusted-ca-file": str(files.trusted_ca),
+        "client-cert-auth": "true",
+        "peer-cert-file": str(files.peer_cert),
+        "peer-key-file": str(files.peer_key),
+        "peer-trusted-ca-file": str(files.peer_trusted_ca),
+        "peer-client-cert-auth": "true",
+        "enable-v2": "false",
+        "strict-reconfig-check": "true",
         "logger": "zap",
-        "log-outputs": ["stderr"],
+        "log-outputs": "stderr",
     }
+    if peer_allowed_cn:
+        settings["peer-cert-allowed-cn"] = peer_allowed_cn
+    return settings
 
 
-def to_yaml(data: dict[str, Any]) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+def as_flags(settings: Settings) -> list[str]:
+    return [f"--{name}={value}" for name, value in settings.items()]
+
+
+def as_env_file(settings: Settings) -> str:
+    """`ETCD_NAME=...` lines for a systemd EnvironmentFile; values never need quoting here."""
+    lines = ["# Rendered by etcdforge; edit the cluster spec, not this file."]
+    lines += [f"ETCD_{name.upper().replace('-', '_')}={value}" for name, value in settings.items()]
+    return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING
 
 import click
@@ -89,7 +90,9 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
     table = Table(title=f"cluster {cluster}", title_justify="left")
     for column in ("member", "endpoint", "version", "leader", "term", "index", "db size", "health"):
         table.add_column(
-            column, justify="right" if column in ("term", "index", "db size") else "left"
+            column,
+            justify="right" if column in ("term", "index", "db size") else "left",
+            no_wrap=True,
         )
     for row in rows:
         health = "[green]healthy[/]" if row.healthy else f"[red]{row.error or 'unhealthy'}[/]"
@@ -103,7 +106,9 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
             _human_size(row.db_size),
             health,
         )
-    Console().print(table)
+    # A pipe has no width; never truncate an endpoint or an error to fit 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
 
 
 def _human_size(size: int | None) -> str:

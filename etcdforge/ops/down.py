@@ -24,10 +24,10 @@ def down(selection: Selection, purge: bool = False, progress: Progress | None = 
     stopped = []
     for member in record.members:
         files = layout.member(member.name)
-        if local.running_pid(files.pid_file, files.config_file) is not None:
+        if local.running_pid(files.pid_file, files.data_dir) is not None:
             if progress:
                 progress(f"stop {member.name}")
-            local.stop(files.pid_file, files.config_file)
+            local.stop(files.pid_file, files.data_dir)
             stopped.append(member.name)
     purged: list[Path] = []
     if purge:

@@ -92,8 +92,9 @@ def check_ports_free(spec: ClusterSpec, running: dict[str, int | None]) -> None:
                 )
 
 
-def _config_step(path: Path, text: str, name: str) -> Step:
-    data = text.encode()
+def _flags_step(path: Path, flags: list[str], name: str) -> Step:
+    """Keep the flags on disk: what a member runs with is inspectable and diffable."""
+    data = "".join(f"{flag}\n" for flag in flags).encode()
 
     def done() -> bool:
         try:
@@ -102,7 +103,7 @@ def _config_step(path: Path, text: str, name: str) -> Step:
             return False
 
     return Step(
-        f"write etcd config for {name}", done, lambda: atomic_write(path, data, PRIVATE_FILE)
+        f"write etcd flags for {name}", done, lambda: atomic_write(path, data, PRIVATE_FILE)
     )
 
 
@@ -126,15 +127,19 @@ def _record_step(layout: StateLayout, record: ClusterRecord) -> Step:
 
 
 def _start_step(
-    binary: EtcdBinary, member: MemberSpec, files: MemberLayout, started: list[str]
+    binary: EtcdBinary,
+    member: MemberSpec,
+    files: MemberLayout,
+    flags: list[str],
+    started: list[str],
 ) -> Step:
     def run() -> None:
-        local.start(binary.path, files.config_file, files.pid_file, files.log_file)
+        local.start(binary.path, flags, files.pid_file, files.log_file)
         started.append(member.name)
 
     return Step(
         f"start {member.name}",
-        lambda: local.running_pid(files.pid_file, files.config_file) is not None,
+        lambda: local.running_pid(files.pid_file, files.data_dir) is not None,
         run,
     )
 
@@ -166,13 +171,17 @@ def up_steps(
     steps = [_dir_step("create the state directory", layout.root)]
     steps += [_dir_step("create the PKI directory", layout.pki_dir)]
     steps += cluster_pki_steps(spec, layout)
+    flags = {}
     for member in spec.members:
         files = layout.member(member.name)
-        config = render.etcd_config(spec, member, member_files(files), record.token)
+        settings = render.etcd_settings(spec, member, member_files(files), record.token)
+        flags[member.name] = render.as_flags(settings)
         steps.append(_dir_step(f"create the data directory of {member.name}", files.data_dir))
-        steps.append(_config_step(files.config_file, render.to_yaml(config), member.name))
+        steps.append(_flags_step(files.flags_file, flags[member.name], member.name))
     steps.append(_record_step(layout, record))
-    steps += [_start_step(binary, m, layout.member(m.name), started) for m in spec.members]
+    steps += [
+        _start_step(binary, m, layout.member(m.name), flags[m.name], started) for m in spec.members
+    ]
     return steps
 
 
@@ -191,7 +200,7 @@ def up(
         binary.version, dev_cluster=True, allow_unsafe=spec.etcd.allow_unsafe_version
     )
     running = {
-        m.name: local.running_pid(layout.member(m.name).pid_file, layout.member(m.name).config_file)
+        m.name: local.running_pid(layout.member(m.name).pid_file, layout.member(m.name).data_dir)
         for m in spec.members
     }
     check_ports_free(spec, running)
@@ -249,7 +258,7 @@ def wait_healthy(record: ClusterRecord, timeout: float, check_alive: bool = True
 def _raise_if_dead(record: ClusterRecord, layout: StateLayout) -> None:
     for member in record.members:
         files = layout.member(member.name)
-        if local.running_pid(files.pid_file, files.config_file) is None:
+        if local.running_pid(files.pid_file, files.data_dir) is None:
             tail = local.log_tail(files.log_file, 1)
             reason = _log_message(tail) or "no log output"
             raise ServiceError(

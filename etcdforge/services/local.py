@@ -1,8 +1,9 @@
 """A minimal supervisor for local members: detached processes with pid and log files.
 
 Members outlive the CLI. Signals only ever go to a PID we recorded, and only after
-/proc/PID/cmdline shows it is still the etcd we started with that member's config file, so a
-recycled PID is never killed.
+/proc/PID/cmdline shows it is still the etcd we started with that member's data dir, so a
+recycled PID is never killed. The member's flags live in a file beside the pid file, so what a
+running member was started with can be compared with what the spec wants now.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def is_our_etcd(pid: int, config_file: Path) -> bool:
+def _identity(data_dir: Path) -> str:
+    return f"--data-dir={data_dir}"
+
+
+def is_our_etcd(pid: int, data_dir: Path) -> bool:
     argv = _cmdline(pid)
     return (
-        len(argv) >= 3
+        len(argv) >= 2
         and Path(argv[0]).name.startswith("etcd")
-        and "--config-file" in argv
-        and str(config_file) in argv
+        and _identity(data_dir) in argv
         and not _is_zombie(pid)
     )
 
@@ -61,22 +65,24 @@ def read_pid(pid_file: Path) -> int | None:
         return None
 
 
-def running_pid(pid_file: Path, config_file: Path) -> int | None:
+def running_pid(pid_file: Path, data_dir: Path) -> int | None:
     """The recorded PID if that process is still our etcd, else None."""
     pid = read_pid(pid_file)
     if pid is None:
         return None
     _reap(pid)
-    return pid if is_our_etcd(pid, config_file) else None
+    return pid if is_our_etcd(pid, data_dir) else None
 
 
-def start(binary: Path, config_file: Path, pid_file: Path, log_file: Path) -> int:
+def start(binary: Path, flags: list[str], pid_file: Path, log_file: Path) -> int:
     """Launch etcd detached from our session; its output goes to the log file."""
+    if not any(flag.startswith("--data-dir=") for flag in flags):
+        raise ServiceError("internal: a local member needs --data-dir to be recognised later")
     with open(log_file, "ab") as log:
         os.chmod(log_file, PRIVATE_FILE)
         try:
             process = subprocess.Popen(
-                [str(binary), "--config-file", str(config_file)],
+                [str(binary), *flags],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -89,27 +95,27 @@ def start(binary: Path, config_file: Path, pid_file: Path, log_file: Path) -> in
     return process.pid
 
 
-def stop(pid_file: Path, config_file: Path, timeout: float = STOP_TIMEOUT) -> bool:
+def stop(pid_file: Path, data_dir: Path, timeout: float = STOP_TIMEOUT) -> bool:
     """SIGTERM, then SIGKILL after `timeout`; returns True if a process was stopped."""
-    pid = running_pid(pid_file, config_file)
+    pid = running_pid(pid_file, data_dir)
     if pid is None:
         pid_file.unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)
-    if not _wait_gone(pid, config_file, timeout):
-        if is_our_etcd(pid, config_file):
+    if not _wait_gone(pid, data_dir, timeout):
+        if is_our_etcd(pid, data_dir):
             os.kill(pid, signal.SIGKILL)
-        if not _wait_gone(pid, config_file, 5.0):
+        if not _wait_gone(pid, data_dir, 5.0):
             raise ServiceError(f"etcd PID {pid} did not exit after SIGKILL; check it by hand")
     pid_file.unlink(missing_ok=True)
     return True
 
 
-def _wait_gone(pid: int, config_file: Path, timeout: float) -> bool:
+def _wait_gone(pid: int, data_dir: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _reap(pid)
-        if not is_our_etcd(pid, config_file):
+        if not is_our_etcd(pid, data_dir):
             return True
         time.sleep(POLL_INTERVAL)
     return False

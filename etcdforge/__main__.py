@@ -1,0 +1,3 @@
+from etcdforge.cli import main
+
+main()
