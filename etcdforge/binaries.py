@@ -12,11 +12,16 @@ from pathlib import Path
 
 from etcdforge.errors import BinaryError
 
-#: etcd 3.5.0-3.5.2 can lose data consistency under load (fixed in 3.5.3).
+#: Releases etcd itself warns against running in production, with the reason.
 KNOWN_BAD: dict[tuple[int, int, int], str] = {
     (3, 5, 0): "data inconsistency bug (fixed in 3.5.3)",
     (3, 5, 1): "data inconsistency bug (fixed in 3.5.3)",
     (3, 5, 2): "data inconsistency bug (fixed in 3.5.3)",
+}
+#: etcd's recommended production minimums per minor line (auth, defrag and consistency fixes).
+RECOMMENDED_MINIMUM: dict[tuple[int, int], tuple[int, int, int]] = {
+    (3, 4): (3, 4, 22),
+    (3, 5): (3, 5, 6),
 }
 OLDEST_SUPPORTED = (3, 4, 0)
 VERSION_RE = re.compile(r"etcd Version:\s*(\d+)\.(\d+)\.(\d+)")
@@ -105,7 +110,15 @@ def version_problem(version: Version) -> str | None:
     if version < OLDEST_SUPPORTED:
         return f"etcd {format_version(version)} is older than 3.4 and unsupported"
     reason = KNOWN_BAD.get(version)
-    return f"etcd {format_version(version)} has a known {reason}" if reason else None
+    if reason:
+        return f"etcd {format_version(version)} has a known {reason}"
+    minimum = RECOMMENDED_MINIMUM.get(version[:2])
+    if minimum is not None and version < minimum:
+        return (
+            f"etcd {format_version(version)} is below etcd's recommended production minimum "
+            f"{format_version(minimum)} (known auth and defragmentation bugs)"
+        )
+    return None
 
 
 def check_version(version: Version, dev_cluster: bool, allow_unsafe: bool) -> str | None:
@@ -113,8 +126,10 @@ def check_version(version: Version, dev_cluster: bool, allow_unsafe: bool) -> st
     problem = version_problem(version)
     if problem is None:
         return None
-    if dev_cluster or allow_unsafe:
+    if dev_cluster:
         return f"{problem}; acceptable for a local dev cluster, never for production"
+    if allow_unsafe:
+        return f"{problem}; running it only because etcd.allow_unsafe_version is set"
     raise BinaryError(
         f"{problem}; use a fixed release, or set etcd.allow_unsafe_version: true to override"
     )
