@@ -72,11 +72,35 @@ def url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
+class SSHSpec(_Strict):
+    """How etcdforge reaches a host member; its presence makes the member a real host."""
+
+    host: str | None = None  # default: the member's address
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    identity_file: Path | None = None  # default: the ssh agent and ~/.ssh/id_*
+    known_hosts: Path | None = None  # default: ~/.ssh/known_hosts; host keys are always checked
+    become: bool | None = None  # sudo -n for every command; default: on unless user is root
+    connect_timeout: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("host")
+    @classmethod
+    def _ssh_host_valid(cls, value: str | None) -> str | None:
+        if value is not None and not (is_ip(value) or is_hostname(value)):
+            raise ValueError(f"{value!r} is not a valid IP address or hostname")
+        return value
+
+    @property
+    def sudo(self) -> bool:
+        return self.become if self.become is not None else self.user != "root"
+
+
 class MemberSpec(_Strict):
     name: str
     address: str
     client_port: int = Field(default=2379, ge=1, le=65535)
     peer_port: int = Field(default=2380, ge=1, le=65535)
+    ssh: SSHSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -130,6 +154,10 @@ class PKISpec(_Strict):
 class EtcdSpec(_Strict):
     binary: Path | None = None
     allow_unsafe_version: bool = False
+    # Host clusters: the official release tarball, by version (from GitHub), URL, file or dir.
+    version: str | None = Field(default=None, pattern=r"^v?\d+\.\d+\.\d+$")
+    release: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
     @field_validator("binary")
     @classmethod
@@ -139,10 +167,40 @@ class EtcdSpec(_Strict):
         return value
 
 
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError(f"{str(value)!r} must be an absolute path on the host")
+    return value
+
+
+class HostPathsSpec(_Strict):
+    """Where a host member's files live; the conventional places by default."""
+
+    bin_dir: Path = Path("/usr/local/bin")
+    releases_dir: Path = Path("/opt/etcd")
+    config_dir: Path = Path("/etc/etcd")
+    pki_dir: Path = Path("/etc/etcd/pki")
+    data_dir: Path = Path("/var/lib/etcd")
+    unit: Path = Path("/etc/systemd/system/etcd.service")
+    user: str = Field(default="etcd", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+
+    _abs = field_validator(
+        "bin_dir", "releases_dir", "config_dir", "pki_dir", "data_dir", "unit"
+    )(_absolute)
+
+    @field_validator("unit")
+    @classmethod
+    def _unit_name(cls, value: Path) -> Path:
+        if value.suffix != ".service":
+            raise ValueError(f"{str(value)!r} must name a systemd unit file ending in .service")
+        return value
+
+
 class ClusterSpec(_Strict):
     name: str = "default"
     members: list[MemberSpec] = Field(min_length=1)
     etcd: EtcdSpec = EtcdSpec()
+    host_paths: HostPathsSpec = HostPathsSpec()
     pki: PKISpec = PKISpec()
     state_dir: Path | None = None
     data_dir: Path | None = None
@@ -162,13 +220,13 @@ class ClusterSpec(_Strict):
         count = len(self.members)
         if count > MAX_MEMBERS:
             raise ValueError(
-                f"{count} members is more than {MAX_MEMBERS}; larger etcd clusters are slower "
-                "and no safer"
+                f"members: {count} members is more than {MAX_MEMBERS}; larger etcd clusters "
+                "are slower and no safer"
             )
         allow_even = bool((info.context or {}).get("allow_even", False))
         if count % 2 == 0 and not allow_even:
             raise ValueError(
-                f"{count} members is an even count: it tolerates no more failures than "
+                f"members: {count} is an even count: it tolerates no more failures than "
                 f"{count - 1}; use an odd count or pass --allow-even"
             )
         names: dict[str, int] = {}
@@ -188,12 +246,22 @@ class ClusterSpec(_Strict):
                         f"member {endpoints[key]}; give each member its own address or ports"
                     )
                 endpoints[key] = member.name
-            if not is_loopback(member.address):
+            if (member.ssh is None) != (self.members[0].ssh is None):
+                raise ValueError(
+                    f"members[{index}].ssh: either every member has an ssh section (a cluster "
+                    "of real hosts) or none has (a local cluster); add or remove it"
+                )
+            if member.ssh is None and not is_loopback(member.address):
                 raise ValueError(
                     f"members[{index}].address: {member.address} is not a loopback address; "
                     "a local cluster runs on this machine, so use 127.x.y.z"
                 )
         return self
+
+    @property
+    def on_hosts(self) -> bool:
+        """Members are real hosts reached over SSH (`apply`), not local processes (`up`)."""
+        return self.members[0].ssh is not None
 
     def member(self, name: str) -> MemberSpec:
         for member in self.members:
@@ -267,10 +335,10 @@ def _describe(exc: ValidationError, source: str, root: yaml.Node | None) -> str:
         message = f"unknown key {loc[-1]!r}; check its spelling (see the README for the fields)"
     field = _format_loc(loc)
     # A model-level error names its own field already ("members[1].name: ...").
-    embedded = re.match(r"^(members\[(\d+)\](?:\.(\w+))?): ", message)
+    embedded = re.match(r"^members(?:\[(\d+)\])?(?:\.(\w+))?: ", message)
     if embedded:
-        index = int(embedded.group(2))
-        loc = ("members", index) + ((embedded.group(3),) if embedded.group(3) else ())
+        index, key = embedded.groups()
+        loc = ("members",) + ((int(index),) if index else ()) + ((key,) if key else ())
         field = ""
     line = _yaml_line(root, loc) if root is not None else None
     where = f"{source}:{line}" if line is not None else source
