@@ -201,6 +201,68 @@ class EtcdClient:
         kvs = payload.get("kvs", [])
         return _unb64(kvs[0].get("value", "")) if kvs else None
 
+    async def range(
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        *,
+        limit: int = 0,
+        revision: int = 0,
+        count_only: bool = False,
+        endpoint: str | None = None,
+    ) -> RangePage:
+        """One page of [key, range_end) in key order, optionally pinned to a past revision."""
+        body: dict[str, Any] = {"key": _b64(key)}
+        if range_end is not None:
+            body["range_end"] = _b64(range_end)
+        if limit:
+            body["limit"] = str(limit)
+        if revision:
+            body["revision"] = str(revision)
+        if count_only:
+            body["count_only"] = True
+        if endpoint is not None:
+            payload = await self.call(endpoint, "/v3/kv/range", body)
+        else:
+            payload = await self.first_ok(lambda e: self.call(e, "/v3/kv/range", body))
+        return RangePage(
+            kvs=tuple(
+                (_unb64(kv.get("key", "")), _unb64(kv.get("value", "")))
+                for kv in payload.get("kvs", [])
+            ),
+            more=bool(payload.get("more", False)),
+            count=int(payload.get("count", 0)),
+            revision=int(payload.get("header", {}).get("revision", 0)),
+        )
+
+    async def delete(self, key: str | bytes, endpoint: str | None = None) -> int:
+        """Delete one key; returns how many keys were deleted (0 or 1)."""
+        body = {"key": _b64(key)}
+        if endpoint is not None:
+            payload = await self.call(endpoint, "/v3/kv/deleterange", body)
+        else:
+            payload = await self.first_ok(lambda e: self.call(e, "/v3/kv/deleterange", body))
+        return int(payload.get("deleted", 0))
+
+
+@dataclass(frozen=True)
+class RangePage:
+    kvs: tuple[tuple[bytes, bytes], ...]
+    more: bool
+    count: int
+    revision: int
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range_end that selects every key starting with `prefix` (etcd's convention)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"  # an empty or all-0xff prefix: every key from `prefix` on
+
 
 def run(coro: Awaitable[T]) -> T:
     """Run one client coroutine from synchronous code."""

@@ -11,6 +11,7 @@ import click
 
 from etcdforge.cli.cluster import down_cmd, env_cmd, status_cmd, up_cmd
 from etcdforge.cli.common import EXIT_ERROR, report_error
+from etcdforge.cli.kubeadm import kubeadm_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +27,7 @@ cli.add_command(up_cmd)
 cli.add_command(down_cmd)
 cli.add_command(status_cmd)
 cli.add_command(env_cmd)
+cli.add_command(kubeadm_group)
 
 
 def main(argv: list[str] | None = None) -> None:
