@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -27,13 +28,23 @@ if TYPE_CHECKING:
     show_default=True,
     help="Seconds to wait for every member to be healthy.",
 )
+@click.option(
+    "--pki-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Import an existing cfssl PKI (ca.pem, server.pem, peer.pem, client.pem and keys).",
+)
 def up_cmd(
-    selection: Selection, members: int | None, allow_even: bool, dry_run: bool, timeout: float
+    selection: Selection,
+    members: int | None,
+    allow_even: bool,
+    dry_run: bool,
+    timeout: float,
+    pki_dir: Path | None,
 ) -> None:
     """Create or resume a local mutual-TLS cluster and wait until it is healthy."""
     from etcdforge.ops.up import up
 
-    result = up(selection, members, allow_even, dry_run, progress_printer(), timeout)
+    result = up(selection, members, allow_even, dry_run, progress_printer(), timeout, pki_dir)
     for message in result.warnings:
         warn(message)
     if dry_run:
@@ -59,8 +70,10 @@ def down_cmd(selection: Selection, purge: bool) -> None:
     from etcdforge.ops.down import down
 
     result = down(selection, purge, progress_printer())
-    stopped = ", ".join(result.stopped) if result.stopped else "nothing was running"
-    click.echo(f"cluster {result.cluster}: stopped {stopped}")
+    if result.stopped:
+        click.echo(f"cluster {result.cluster}: stopped {', '.join(result.stopped)}")
+    else:
+        click.echo(f"cluster {result.cluster}: no member was running")
     if purge:
         click.echo(f"deleted {len(result.purged)} path(s): data and PKI are gone")
 
