@@ -31,3 +31,11 @@ class EtcdClientError(EtcdforgeError):
 
 class UnsafeOperationError(EtcdforgeError):
     """The operation could lose quorum or data; refused before any change."""
+
+
+class HostError(EtcdforgeError):
+    """A host could not be reached, refused a command, or a command on it failed."""
+
+
+class PreflightError(HostError):
+    """A host is not fit for the change; raised before anything is changed on any host."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from etcdforge.errors import StateError
 from etcdforge.fsutil import remove_tree
 from etcdforge.ops.plan import Progress
 from etcdforge.ops.target import Selection, record_for
@@ -20,6 +21,10 @@ class DownResult:
 
 def down(selection: Selection, purge: bool = False, progress: Progress | None = None) -> DownResult:
     record = record_for(selection)
+    if any(m.get("ssh") for m in record.spec.get("members", [])):
+        raise StateError(
+            f"cluster {record.name} runs on hosts; use `etcdforge reset -f FILE` to stop it"
+        )
     layout = record.layout
     stopped = []
     for member in record.members:

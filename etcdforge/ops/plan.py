@@ -6,7 +6,7 @@ a converged cluster changes nothing. `--dry-run` prints the steps that would run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 Progress = Callable[[str], None]
@@ -43,5 +43,37 @@ def execute(
         if progress:
             progress(step.title)
         step.run()
+        changed.append(step.title)
+    return PlanResult(changed=tuple(changed), pending=tuple(pending))
+
+
+@dataclass(frozen=True)
+class AsyncStep:
+    """A step on a remote host: checking and doing both cost a round trip, so both are async.
+
+    `explain` says what the step would change (a short diff summary) for `plan`.
+    """
+
+    title: str
+    is_done: Callable[[], Awaitable[bool]]
+    run: Callable[[], Awaitable[object]]
+    explain: Callable[[], Awaitable[str]] | None = None
+
+
+async def execute_async(
+    steps: Sequence[AsyncStep], progress: Progress | None = None, dry_run: bool = False
+) -> PlanResult:
+    changed: list[str] = []
+    pending: list[str] = []
+    for step in steps:
+        if await step.is_done():
+            continue
+        if dry_run:
+            detail = await step.explain() if step.explain else ""
+            pending.append(f"{step.title}: {detail}" if detail else step.title)
+            continue
+        if progress:
+            progress(step.title)
+        await step.run()
         changed.append(step.title)
     return PlanResult(changed=tuple(changed), pending=tuple(pending))

@@ -194,6 +194,11 @@ def up(
     timeout: float = HEALTH_TIMEOUT,
 ) -> UpResult:
     spec, layout, previous = spec_for_up(selection, members, allow_even)
+    if spec.on_hosts:
+        raise SpecError(
+            f"cluster {spec.name}: members have ssh sections, so they run on real hosts; "
+            "use `etcdforge apply -f FILE` (up runs local clusters)"
+        )
     check_against_record(spec, previous)
     binary = find_etcd(spec.etcd.binary)
     warning = check_version(

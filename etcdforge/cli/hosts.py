@@ -1,0 +1,143 @@
+"""Clusters on real hosts: plan, apply, reset."""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from etcdforge.cli.common import cluster_options, warn
+
+if TYPE_CHECKING:
+    from etcdforge.ops.apply import ApplyResult
+    from etcdforge.ops.target import Selection
+
+
+class HostBoard:
+    """Live progress, one line per host, on a terminal; plain `host: step` lines otherwise."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, tuple[int, str]] = {}
+        self.live: Any = None
+
+    def __enter__(self) -> HostBoard:
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=Console(stderr=True), transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.live is not None:
+            self.live.__exit__(exc_type, exc, tb)
+
+    def __call__(self, host: str, message: str) -> None:
+        count = self.steps.get(host, (0, ""))[0] + 1
+        self.steps[host] = (count, message)
+        if self.live is not None:
+            self.live.update(self._table())
+        else:
+            click.secho(f"  → {host}: {message}", err=True, dim=True)
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(box=None, show_header=False, pad_edge=False)
+        for host, (count, message) in self.steps.items():
+            table.add_row(f"[bold]{host}[/]", f"[dim]{count:>2}[/]", message)
+        return table
+
+
+@click.command("plan")
+@cluster_options
+@click.option("--allow-even", is_flag=True, help="Accept an even member count.")
+def plan_cmd(selection: Selection, allow_even: bool) -> None:
+    """Show what `apply` would change on each host; change nothing."""
+    from etcdforge.ops.apply import apply
+
+    with HostBoard() as board:
+        result = apply(selection, dry_run=True, progress=board, allow_even=allow_even)
+    for message in result.warnings:
+        warn(message)
+    _print_plan(result)
+
+
+def _print_plan(result: ApplyResult) -> None:
+    click.echo(f"cluster {result.cluster}: etcd {result.version}; plan (nothing was changed)")
+    count = 0
+    if result.admin_changes:
+        click.echo(f"admin machine ({result.state_dir}):")
+        for title in result.admin_changes:
+            click.echo(f"  - {title}")
+    for host in result.hosts:
+        lines = [*host.changes] + ([f"service: {host.service}"] if host.service else [])
+        count += len(lines)
+        click.echo(f"{host.label}: " + ("no change" if not lines else f"{len(lines)} change(s)"))
+        for line in lines:
+            click.echo(f"  - {line}")
+    if not result.changed_anything:
+        click.echo("nothing to change: every host matches the spec and every member runs it")
+
+
+@click.command("apply")
+@cluster_options
+@click.option("--allow-even", is_flag=True, help="Accept an even member count.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 3600),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the cluster to be healthy (after starts, around each restart).",
+)
+def apply_cmd(selection: Selection, allow_even: bool, timeout: float) -> None:
+    """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""
+    from etcdforge.ops.apply import apply
+
+    with HostBoard() as board:
+        result = apply(selection, progress=board, timeout=timeout, allow_even=allow_even)
+    for message in result.warnings:
+        warn(message)
+    summary = f"cluster {result.cluster}: {len(result.hosts)} member(s), etcd {result.version}"
+    if not result.changed_anything:
+        click.echo(f"{summary}: healthy; nothing changed, nothing restarted")
+    else:
+        click.echo(f"{summary}: all healthy")
+        for host in result.hosts:
+            done = f"{len(host.changes)} change(s)" if host.changes else "no file change"
+            service = f", {host.service.split(' ', 1)[0]}ed" if host.service else ""
+            click.echo(f"  {host.label}: {done}{service}")
+    click.echo(f"state: {result.state_dir}   next: etcdforge status -f FILE; etcdforge env -f FILE")
+
+
+@click.command("reset")
+@cluster_options
+@click.option("--purge-data", is_flag=True, help="Also delete the members' data directories.")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting data.")
+def reset_cmd(selection: Selection, purge_data: bool, yes: bool) -> None:
+    """Stop and remove what etcdforge installed on the hosts (data only with --purge-data)."""
+    from etcdforge.ops.reset import reset
+
+    if purge_data and not yes:
+        click.confirm(
+            "Delete every member's etcd data on the hosts? This destroys the cluster's contents",
+            abort=True,
+            err=True,
+        )
+    with HostBoard() as board:
+        result = reset(selection, purge_data, progress=board)
+    click.echo(f"cluster {result.cluster}: reset")
+    for label, steps in result.removed:
+        click.echo(f"  {label}: " + (", ".join(steps) if steps else "nothing left to remove"))
+    if result.purged_data:
+        click.echo("data deleted; the PKI stays in the state directory (CA keys)")
+    else:
+        click.echo("data dirs kept: `apply` starts the members on them again; --purge-data deletes")

