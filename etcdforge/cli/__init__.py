@@ -9,7 +9,6 @@ import sys
 
 import click
 
-from etcdforge.cli.certs import certs_group
 from etcdforge.cli.cluster import down_cmd, env_cmd, status_cmd, up_cmd
 from etcdforge.cli.common import EXIT_ERROR, report_error
 from etcdforge.cli.hosts import apply_cmd, plan_cmd, reset_cmd
@@ -29,7 +28,6 @@ cli.add_command(up_cmd)
 cli.add_command(down_cmd)
 cli.add_command(status_cmd)
 cli.add_command(env_cmd)
-cli.add_command(certs_group)
 cli.add_command(plan_cmd)
 cli.add_command(apply_cmd)
 cli.add_command(reset_cmd)
@@ -39,8 +37,7 @@ cli.add_command(kubeadm_group)
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        # Without standalone mode click *returns* the code of a command that raised Exit.
-        code = cli.main(args=argv, prog_name="etcdforge", standalone_mode=False)
+        cli.main(args=argv, prog_name="etcdforge", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
@@ -51,4 +48,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:
         sys.exit(report_error(exc, debug))
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(0)
