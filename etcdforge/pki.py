@@ -119,10 +119,20 @@ def issue_ca(
     common_name: str, key: PrivateKey, validity: dt.timedelta, now: dt.datetime | None = None
 ) -> x509.Certificate:
     """A self-signed CA that may sign leaves only (path length 0)."""
-    name = subject_name(common_name)
+    return self_signed_ca(subject_name(common_name), key, validity, path_length=0, now=now)
+
+
+def self_signed_ca(
+    subject: x509.Name,
+    key: PrivateKey,
+    validity: dt.timedelta,
+    path_length: int | None = 0,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """A self-signed CA with any subject (cfssl CSRs carry C/ST/L/O/OU as well as CN)."""
     builder = (
-        _builder(name, name, key.public_key(), validity, now)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        _builder(subject, subject, key.public_key(), validity, now)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -141,6 +151,29 @@ def issue_ca(
     return _sign(builder, key)
 
 
+def leaf_key_usage(public_key: PublicKey) -> x509.KeyUsage:
+    """What etcdforge's own leaves carry; keyEncipherment only makes sense for RSA keys."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_csr(subject: x509.Name, key: PrivateKey, hosts: Sequence[str] = ()) -> bytes:
+    """A PEM certificate request, as cfssl writes next to each certificate (`NAME.csr`)."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    if hosts:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san_entries(hosts)), False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
 def issue_leaf(
     ca_cert: x509.Certificate,
     ca_key: PrivateKey,
@@ -150,8 +183,13 @@ def issue_leaf(
     validity: dt.timedelta,
     hosts: Sequence[str] = (),
     now: dt.datetime | None = None,
+    key_usage: x509.KeyUsage | None = None,
 ) -> x509.Certificate:
-    """Sign an end-entity certificate; never outlives its CA."""
+    """Sign an end-entity certificate; never outlives its CA.
+
+    `key_usage` defaults to `leaf_key_usage`; cfssl profiles choose their own. An empty
+    `extended_usages` leaves the extension out, as cfssl does for a profile without any.
+    """
     if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < MIN_RSA_BITS:
         raise PKIError(f"RSA keys below {MIN_RSA_BITS} bits are refused ({public_key.key_size})")
     if not key_matches(ca_cert, ca_key):
@@ -162,26 +200,14 @@ def issue_leaf(
     builder = (
         _builder(subject, ca_cert.subject, public_key, validity, now)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(list(extended_usages)), critical=False)
+        .add_extension(key_usage or leaf_key_usage(public_key), critical=True)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
     )
+    if extended_usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(extended_usages)), False)
     if hosts:
         builder = builder.add_extension(x509.SubjectAlternativeName(san_entries(hosts)), False)
     return _sign(builder, ca_key)
