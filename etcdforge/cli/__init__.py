@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from etcdforge.cli.certs import certs_group
 from etcdforge.cli.cluster import down_cmd, env_cmd, status_cmd, up_cmd
 from etcdforge.cli.common import EXIT_ERROR, report_error
 from etcdforge.cli.hosts import apply_cmd, plan_cmd, reset_cmd
@@ -28,6 +29,7 @@ cli.add_command(up_cmd)
 cli.add_command(down_cmd)
 cli.add_command(status_cmd)
 cli.add_command(env_cmd)
+cli.add_command(certs_group)
 cli.add_command(plan_cmd)
 cli.add_command(apply_cmd)
 cli.add_command(reset_cmd)
