@@ -39,7 +39,8 @@ cli.add_command(kubeadm_group)
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="etcdforge", standalone_mode=False)
+        # Without standalone mode click *returns* the code of a command that raised Exit.
+        code = cli.main(args=argv, prog_name="etcdforge", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
@@ -50,4 +51,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:
         sys.exit(report_error(exc, debug))
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -244,7 +245,9 @@ async def _check_endpoint(client: EtcdClient, where: str, endpoint: str) -> Chec
         if deleted != 1 or await client.get(key, endpoint=endpoint) is not None:
             return CheckRow(where, endpoint, False, f"{key} was not deleted")
     except EtcdClientError as exc:
-        return CheckRow(where, endpoint, False, str(exc))
+        # The row already names the endpoint; keep just the cause.
+        cause = re.sub(rf"^{re.escape(endpoint)}(/\S*)?: ", "", str(exc))
+        return CheckRow(where, endpoint, False, cause)
     return CheckRow(where, endpoint, True)
 
 
