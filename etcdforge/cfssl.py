@@ -135,9 +135,10 @@ class JSONDoc:
     text: str
     data: Any
     offsets: Mapping[JSONPath, int]
+    key_offsets: Mapping[JSONPath, int]
 
-    def where(self, path: JSONPath = ()) -> str:
-        offset = self.offsets.get(path, 0)
+    def where(self, path: JSONPath = (), key: bool = False) -> str:
+        offset = (self.key_offsets if key else self.offsets).get(path, 0)
         line = self.text.count("\n", 0, offset) + 1
         column = offset - (self.text.rfind("\n", 0, offset) + 1) + 1
         return f"{self.source}:{line}:{column}"
@@ -162,13 +163,15 @@ def parse_json(text: str, source: str) -> JSONDoc:
         raise PKIError(
             f"{source}:{exc.lineno}:{exc.colno}: malformed JSON ({exc.msg}); fix the syntax"
         ) from None
-    return JSONDoc(source, text, data, _offsets(text))
+    offsets, key_offsets = _offsets(text)
+    return JSONDoc(source, text, data, offsets, key_offsets)
 
 
-def _offsets(text: str) -> dict[JSONPath, int]:
-    """Start offset of every value, by path; only called on text json.loads accepted."""
+def _offsets(text: str) -> tuple[dict[JSONPath, int], dict[JSONPath, int]]:
+    """Start offsets of every value and object key, by path (for text json.loads accepted)."""
     decoder = json.JSONDecoder()
     offsets: dict[JSONPath, int] = {}
+    key_offsets: dict[JSONPath, int] = {}
     whitespace = " \t\n\r"
 
     def skip(i: int) -> int:
@@ -187,7 +190,9 @@ def _offsets(text: str) -> dict[JSONPath, int]:
         index = 0
         while text[i] != closer:
             if opener == "{":
+                start = i
                 key, i = decoder.raw_decode(text, i)
+                key_offsets[(*path, key)] = start
                 i = skip(i) + 1  # the colon
                 i = value(i, (*path, key))
             else:
@@ -199,7 +204,7 @@ def _offsets(text: str) -> dict[JSONPath, int]:
         return i + 1
 
     value(0, ())
-    return offsets
+    return offsets, key_offsets
 
 
 def _get(doc: JSONDoc, path: JSONPath) -> Any:
@@ -219,9 +224,11 @@ def _expect(doc: JSONDoc, path: JSONPath, kind: type | tuple[type, ...], what: s
 def _check_keys(doc: JSONDoc, path: JSONPath, known: frozenset[str], what: str) -> None:
     for key in _get(doc, path):
         if key not in known:
-            raise doc.error(
-                (*path, key),
-                f"unknown {what} key {key!r}; known keys: {', '.join(sorted(known))}",
+            where = (
+                f"{doc.where((*path, key), key=True)}: {_format_path(path) + ': ' if path else ''}"
+            )
+            raise PKIError(
+                f"{where}unknown {what} key {key!r}; known keys: {', '.join(sorted(known))}"
             )
 
 
@@ -535,6 +542,7 @@ def init_ca(request: CSRRequest, now: dt.datetime | None = None) -> Issued:
         request.ca_expiry or DEFAULT_CA_EXPIRY,
         path_length=request.ca_path_length,
         now=now,
+        digital_signature=False,
     )
     return Issued(cert, key, pki.build_csr(request.subject, key))
 

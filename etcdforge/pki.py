@@ -128,14 +128,18 @@ def self_signed_ca(
     validity: dt.timedelta,
     path_length: int | None = 0,
     now: dt.datetime | None = None,
+    digital_signature: bool = True,
 ) -> x509.Certificate:
-    """A self-signed CA with any subject (cfssl CSRs carry C/ST/L/O/OU as well as CN)."""
+    """A self-signed CA with any subject (cfssl CSRs carry C/ST/L/O/OU as well as CN).
+
+    cfssl's CAs carry only cert sign and CRL sign; `digital_signature=False` matches them.
+    """
     builder = (
         _builder(subject, subject, key.public_key(), validity, now)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True,
+                digital_signature=digital_signature,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,

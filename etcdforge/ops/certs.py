@@ -374,9 +374,8 @@ def usage_names(cert: x509.Certificate) -> tuple[str, ...]:
 
 
 def human_remaining(delta: dt.timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
+    sign = "-" if delta.total_seconds() < 0 else ""
+    seconds = int(abs(delta.total_seconds()))
     days, rest = divmod(seconds, 86400)
     if days:
         return f"{sign}{days}d{rest // 3600}h" if rest >= 3600 else f"{sign}{days}d"
