@@ -10,8 +10,11 @@ so etcd never reads half a key, and a key is never readable by anyone else, even
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import shlex
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -174,7 +177,10 @@ class ShellHost:
             return False
         argv = ["sh", "-c", _WRITE_SCRIPT, "sh", str(path), f"{mode:o}", owner, sha256(data)]
         timeout = DEFAULT_TIMEOUT + len(data) / 1_000_000  # a slow link still gets 1 MB/s
-        await self.run(argv, input=data, timeout=timeout)
+        result = await self.run(argv, input=data, timeout=timeout, check=False)
+        if result.code != 0:
+            reason = last_line(result.err) or f"exit {result.code}"
+            raise HostError(f"{self.label}: cannot write {path}: {reason}")
         return True
 
     async def close(self) -> None:
@@ -207,9 +213,10 @@ class LocalHost(ShellHost):
         try:
             out, err = await proc.communicate(input)
         except asyncio.CancelledError:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            # The whole group: sh's children (sleep, tar) would otherwise hold the pipes open.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
             raise
         return CommandResult(proc.returncode or 0, out, err)
 

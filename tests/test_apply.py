@@ -1,0 +1,291 @@
+"""`apply` on three real hosts (systemd + sshd, tests/fleet.py), as the sudo user `deploy`.
+
+One cluster is deployed for the module and shared by the read-mostly tests; the tests that
+take it apart (kill the CLI midway, reset) run last, in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+
+from etcdforge import pki
+from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
+from tests.fleet import Host
+from tests.helpers import CLIResult, etcdctl_binary, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Deployed:
+    hosts: list[Host]
+    spec: Path
+    state: Path
+    env: dict[str, str]
+    first: CLIResult
+
+    def cli(self, *args: str, timeout: float = 300) -> CLIResult:
+        return run_cli(*args, "-f", str(self.spec), env=self.env, timeout=timeout)
+
+    def etcdctl(
+        self, *args: str, endpoints: list[str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        exports = self.cli("env")
+        assert exports.code == 0, exports.stderr
+        env = dict(os.environ)
+        for line in exports.stdout.splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = value.strip("'")
+        if endpoints is not None:
+            env["ETCDCTL_ENDPOINTS"] = ",".join(endpoints)
+        return subprocess.run(
+            [str(etcdctl_binary()), "--command-timeout=5s", *args],
+            capture_output=True, text=True, env=env, timeout=30, check=False,
+        )  # fmt: skip
+
+
+def endpoint(host: Host) -> str:
+    return f"https://{host.address}:2379"
+
+
+def main_pids(hosts: list[Host]) -> list[int]:
+    return [
+        int(h.run("systemctl", "show", "-p", "MainPID", "--value", "etcd.service").stdout)
+        for h in hosts
+    ]
+
+
+def statuses(deployed: Deployed) -> list[dict[str, Any]]:
+    result = deployed.cli("status", "-o", "json")
+    return list(json.loads(result.stdout))
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    fleet3: list[Host], release_server: ReleaseServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployed]:
+    work = tmp_path_factory.mktemp("apply3")
+    data = host_spec(
+        "fleet3",
+        fleet3,
+        release_server.url("3.5.1"),
+        etcd={"allow_unsafe_version": True},
+        state_dir=str(work / "state"),
+    )
+    spec = write_yaml(work / "cluster.yaml", data)
+    env = {"ETCDFORGE_CACHE_DIR": str(work / "cache")}
+    first = run_cli("apply", "-f", str(spec), env=env, timeout=600)
+    deployed = Deployed(fleet3, spec, work / "state", env, first)
+    try:
+        assert first.code == 0, first.stderr
+        yield deployed
+    finally:
+        deployed.cli("reset", "--purge-data", "--yes")
+
+
+def test_apply_deploys_three_healthy_members(deployed: Deployed) -> None:
+    assert "3 member(s), etcd 3.5.1: all healthy" in deployed.first.stdout
+    assert "running it only because etcd.allow_unsafe_version is set" in deployed.first.stderr
+    rows = statuses(deployed)
+    assert [r["name"] for r in rows] == ["etcd-1", "etcd-2", "etcd-3"]
+    assert [r["endpoint"] for r in rows] == [endpoint(h) for h in deployed.hosts]
+    assert all(r["healthy"] for r in rows) and sum(r["is_leader"] for r in rows) == 1
+    assert {r["version"] for r in rows} == {"3.5.1"}
+
+
+def test_put_and_get_from_the_admin_machine_with_the_admin_cert(deployed: Deployed) -> None:
+    a, _, c = deployed.hosts
+    put = deployed.etcdctl("put", "hello", "fleet", endpoints=[endpoint(a)])
+    assert put.returncode == 0, put.stderr
+    got = deployed.etcdctl("get", "hello", "--print-value-only", endpoints=[endpoint(c)])
+    assert got.stdout.strip() == "fleet", got.stderr
+
+
+def test_host_files_modes_owners_and_no_ca_key(deployed: Deployed) -> None:
+    host = deployed.hosts[1]
+    listing = host.run(
+        "stat", "-c", "%n %a %U:%G",
+        "/var/lib/etcd", "/etc/etcd/pki", "/etc/etcd/pki/server.key", "/etc/etcd/pki/peer.key",
+        "/etc/etcd/pki/ca.crt", "/etc/etcd/etcd.env", "/etc/systemd/system/etcd.service",
+    ).stdout.splitlines()  # fmt: skip
+    assert listing == [
+        "/var/lib/etcd 700 etcd:etcd",
+        "/etc/etcd/pki 750 root:etcd",
+        "/etc/etcd/pki/server.key 600 etcd:etcd",
+        "/etc/etcd/pki/peer.key 600 etcd:etcd",
+        "/etc/etcd/pki/ca.crt 644 root:root",
+        "/etc/etcd/etcd.env 640 root:etcd",
+        "/etc/systemd/system/etcd.service 644 root:root",
+    ]
+    assert sorted(host.run("ls", "/etc/etcd/pki").stdout.split()) == [
+        "ca.crt", "peer-ca.crt", "peer.crt", "peer.key", "server.crt", "server.key",
+    ]  # fmt: skip
+    keys = host.run("sh", "-c", "find / -xdev -name '*.key' -path '*etcd*'").stdout.split()
+    assert sorted(keys) == ["/etc/etcd/pki/peer.key", "/etc/etcd/pki/server.key"]
+    # Its own key, not another member's: the server cert names this host's address.
+    cert = host.run("cat", "/etc/etcd/pki/server.crt").stdout.encode()
+    assert host.address in pki.inspect_cert(x509.load_pem_x509_certificate(cert)).sans
+    assert host.run("readlink", "/usr/local/bin/etcd").stdout.strip() == "/opt/etcd/current/etcd"
+    assert host.run("readlink", "/opt/etcd/current").stdout.strip() == "v3.5.1"
+    user = host.run("ps", "-o", "user=", "-p", str(main_pids([host])[0])).stdout.strip()
+    assert user == "etcd"
+
+
+def test_unit_passes_systemd_analyze_and_listens_only_with_tls(deployed: Deployed) -> None:
+    host = deployed.hosts[0]
+    verify = host.run("systemd-analyze", "verify", "/etc/systemd/system/etcd.service", check=False)
+    assert verify.returncode == 0, verify.stderr
+    assert "etcd.service" not in verify.stderr  # no warning about our unit
+    listeners = host.run("ss", "-Htln").stdout.split("\n")
+    ports = sorted(line.split()[3] for line in listeners if line.strip() and ":22" not in line)
+    assert ports == [f"{host.address}:2379", f"{host.address}:2380"]  # no 127.0.0.1:2379
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://{host.address}:2379/health", timeout=3)
+    no_cert = subprocess.run(
+        [str(etcdctl_binary()), f"--endpoints={endpoint(host)}",
+         f"--cacert={deployed.state / 'pki' / 'ca.crt'}", "--command-timeout=3s", "get", "x"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert no_cert.returncode != 0  # client-cert-auth: the CA alone is not enough
+
+
+def test_second_apply_changes_and_restarts_nothing(deployed: Deployed) -> None:
+    before = main_pids(deployed.hosts)
+    result = deployed.cli("apply")
+    assert result.code == 0, result.stderr
+    assert "healthy; nothing changed, nothing restarted" in result.stdout
+    assert main_pids(deployed.hosts) == before
+    plan = deployed.cli("plan")
+    assert plan.code == 0, plan.stderr
+    assert "nothing to change" in plan.stdout
+
+
+def test_plan_shows_drift_changes_nothing_and_apply_repairs_without_restart(
+    deployed: Deployed,
+) -> None:
+    host = deployed.hosts[2]
+    host.run("chmod", "0644", "/etc/etcd/pki/server.key")
+    host.run("sh", "-c", "echo ETCD_DEBUG=true >> /etc/etcd/etcd.env")
+    before = main_pids(deployed.hosts)
+    plan = deployed.cli("plan")
+    assert plan.code == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    assert lines.count("  - write /etc/etcd/etcd.env: +0 -1 lines (ETCD_DEBUG)") == 1
+    assert "  - write /etc/etcd/pki/server.key: mode 0644 -> 0600" in lines
+    assert host.run("stat", "-c", "%a", "/etc/etcd/pki/server.key").stdout.strip() == "644"
+    result = deployed.cli("apply")
+    assert result.code == 0, result.stderr
+    assert f"etcd-3 ({host.address}): 2 change(s)" in result.stdout
+    assert host.run("stat", "-c", "%a", "/etc/etcd/pki/server.key").stdout.strip() == "600"
+    assert main_pids(deployed.hosts) == before  # the running process already had the settings
+
+
+def test_members_running_other_settings_restart_one_at_a_time(deployed: Deployed) -> None:
+    for host in deployed.hosts:  # each member now runs with a setting the spec does not have
+        host.run("sh", "-c", "echo ETCD_HEARTBEAT_INTERVAL=100 >> /etc/etcd/etcd.env")
+        host.run("systemctl", "restart", "etcd.service", timeout=120)
+    assert deployed.etcdctl("put", "before-roll", "1").returncode == 0
+    before = main_pids(deployed.hosts)
+    result = deployed.cli("apply")
+    assert result.code == 0, result.stderr
+    after = main_pids(deployed.hosts)
+    assert all(a != b for a, b in zip(after, before, strict=True))
+    progress = [line for line in result.stderr.splitlines() if "→" in line]
+    restarts = [i for i, line in enumerate(progress) if "restart etcd.service" in line]
+    assert len(restarts) == 3
+    for index in restarts:  # every restart right after a full-cluster health check
+        assert "wait for every member to be healthy before restarting" in progress[index - 1]
+    assert "settings ETCD_HEARTBEAT_INTERVAL" in progress[restarts[0]]
+    assert all(r["healthy"] for r in statuses(deployed))
+    assert deployed.etcdctl("get", "before-roll", "--print-value-only").stdout.strip() == "1"
+
+
+def test_cut_host_cluster_keeps_writing_then_member_catches_up(deployed: Deployed) -> None:
+    a, b, c = deployed.hosts
+    with c.network_cut():
+        for i in range(20):
+            put = deployed.etcdctl("put", f"cut/{i}", str(i), endpoints=[endpoint(a), endpoint(b)])
+            assert put.returncode == 0, put.stderr
+        rows = statuses(deployed)
+        assert [r["healthy"] for r in rows] == [True, True, False]
+    value = ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = deployed.etcdctl(
+            "get", "cut/19", "--print-value-only", "--consistency=s", endpoints=[endpoint(c)]
+        )
+        value = got.stdout.strip()
+        if value == "19":
+            break
+        time.sleep(0.5)
+    assert value == "19"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(r["healthy"] for r in statuses(deployed)):
+        time.sleep(0.5)
+    assert all(r["healthy"] for r in statuses(deployed))
+
+
+def test_kill_the_cli_midway_then_rerun_completes(deployed: Deployed) -> None:
+    reset = deployed.cli("reset", "--purge-data", "--yes")
+    assert reset.code == 0, reset.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etcdforge", "apply", "-f", str(deployed.spec)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **deployed.env}, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # bounded: the process ends, or we kill it at the marker
+            seen.append(line)
+            if "write /etc/etcd/pki/server.key" in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    units = [
+        h.run("test", "-e", "/etc/systemd/system/etcd.service", check=False) for h in deployed.hosts
+    ]
+    assert any(u.returncode != 0 for u in units)  # really midway: some host has no unit yet
+    rerun = deployed.cli("apply")
+    assert rerun.code == 0, rerun.stderr
+    assert all(r["healthy"] for r in statuses(deployed))
+    again = deployed.cli("apply")
+    assert "nothing changed, nothing restarted" in again.stdout, again.stderr
+
+
+def test_reset_removes_what_apply_installed(deployed: Deployed) -> None:
+    kept = deployed.cli("reset")
+    assert kept.code == 0, kept.stderr
+    for host in deployed.hosts:
+        assert host.run("test", "-d", "/var/lib/etcd/member", check=False).returncode == 0
+    result = deployed.cli("reset", "--purge-data", "--yes")
+    assert result.code == 0, result.stderr
+    for host in deployed.hosts:
+        left = host.run(
+            "sh", "-c",
+            "ls -d /etc/etcd /opt/etcd /var/lib/etcd /etc/systemd/system/etcd.service "
+            "/usr/local/bin/etcd /usr/local/bin/etcdctl 2>/dev/null; pgrep -x etcd",
+            check=False,
+        ).stdout  # fmt: skip
+        assert left == ""
+    assert not (deployed.state / "cluster.json").exists()
+    assert (deployed.state / "pki" / "ca.key").exists()  # the CA stays on the admin machine
+    status = deployed.cli("status")
+    assert status.code == 1 and "run `etcdforge up` first" in status.stderr
