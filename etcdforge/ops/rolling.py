@@ -100,6 +100,12 @@ def move_leader_away(
     return True
 
 
+def start_member(record: ClusterRecord, name: str) -> None:
+    """Start a stopped local member with the flags it last ran with."""
+    files = record.layout.member(name)
+    local.start(Path(record.binary), member_flags(files), files.pid_file, files.log_file)
+
+
 def restart_member(record: ClusterRecord, name: str, timeout: float = HEALTH_TIMEOUT) -> None:
     """Stop one local member and start it again with its stored flags; wait until all healthy.
 

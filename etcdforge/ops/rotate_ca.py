@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 
 from etcdforge import pki
-from etcdforge.errors import PKIError
+from etcdforge.errors import PKIError, ServiceError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, remove_tree
 from etcdforge.layout import MemberLayout, StateLayout
 from etcdforge.ops.certs import (
@@ -36,9 +36,9 @@ from etcdforge.ops.certs import (
     write_bundle,
 )
 from etcdforge.ops.plan import Progress, Step, execute
-from etcdforge.ops.rolling import loaded, restart_member
+from etcdforge.ops.rolling import loaded, restart_member, start_member
 from etcdforge.ops.target import Selection, record_for
-from etcdforge.ops.up import HEALTH_TIMEOUT
+from etcdforge.ops.up import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.record import ClusterRecord
 from etcdforge.services import local
 from etcdforge.spec import KeyAlgorithm
@@ -283,6 +283,26 @@ def rotation_steps(
     return steps
 
 
+def _require_live(record: ClusterRecord, timeout: float) -> None:
+    """Rotation is rolling: every member must run. A restart cut short is finished here."""
+    layout = record.layout
+    down = [
+        m.name
+        for m in record.members
+        if local.running_pid(layout.member(m.name).pid_file, layout.member(m.name).data_dir) is None
+    ]
+    if not down:
+        return
+    if not rotation_dir(layout).exists():
+        raise ServiceError(
+            f"member(s) {', '.join(down)} of cluster {record.name} are not running; "
+            "start them with `etcdforge up` before rotating the CA"
+        )
+    for name in down:
+        start_member(record, name)
+    wait_healthy(record, timeout)
+
+
 def rotate_ca(
     selection: Selection,
     stop_after: str | None = None,
@@ -291,6 +311,8 @@ def rotate_ca(
     timeout: float = HEALTH_TIMEOUT,
 ) -> RotateResult:
     record = record_for(selection)
+    if not dry_run:
+        _require_live(record, timeout)
     restarted: list[str] = []
     tagged = rotation_steps(record, restarted, timeout)
     if stop_after is not None:

@@ -19,7 +19,7 @@ from etcdforge.binaries import EtcdBinary, check_version, find_etcd, format_vers
 from etcdforge.errors import ServiceError, SpecError
 from etcdforge.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, ensure_dir
 from etcdforge.layout import MemberLayout, StateLayout
-from etcdforge.ops.certs import cluster_pki_steps
+from etcdforge.ops.certs import peer_allowed_cn, pki_steps
 from etcdforge.ops.plan import Progress, Step, execute
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.record import ClusterRecord, MemberRecord, new_token, write_record
@@ -167,14 +167,19 @@ def up_steps(
     binary: EtcdBinary,
     record: ClusterRecord,
     started: list[str],
+    pki_dir: Path | None = None,
 ) -> list[Step]:
     steps = [_dir_step("create the state directory", layout.root)]
     steps += [_dir_step("create the PKI directory", layout.pki_dir)]
-    steps += cluster_pki_steps(spec, layout)
+    steps += pki_steps(spec, layout, pki_dir)
+    # An imported PKI has one CA for both planes: pin the peer port to the peers' CN.
+    allowed_cn = peer_allowed_cn(layout, pki_dir)
     flags = {}
     for member in spec.members:
         files = layout.member(member.name)
-        settings = render.etcd_settings(spec, member, member_files(files), record.token)
+        settings = render.etcd_settings(
+            spec, member, member_files(files), record.token, peer_allowed_cn=allowed_cn
+        )
         flags[member.name] = render.as_flags(settings)
         steps.append(_dir_step(f"create the data directory of {member.name}", files.data_dir))
         steps.append(_flags_step(files.flags_file, flags[member.name], member.name))
@@ -192,6 +197,7 @@ def up(
     dry_run: bool = False,
     progress: Progress | None = None,
     timeout: float = HEALTH_TIMEOUT,
+    pki_dir: Path | None = None,
 ) -> UpResult:
     spec, layout, previous = spec_for_up(selection, members, allow_even)
     if spec.on_hosts:
@@ -212,7 +218,8 @@ def up(
     token = previous.token if previous is not None else new_token(spec.name)
     record = build_record(spec, layout, binary, token)
     started: list[str] = []
-    result = execute(up_steps(spec, layout, binary, record, started), progress, dry_run)
+    steps = up_steps(spec, layout, binary, record, started, pki_dir)
+    result = execute(steps, progress, dry_run)
     if not dry_run:
         if progress:
             progress("wait for every member to be healthy")
