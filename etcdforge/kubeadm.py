@@ -155,20 +155,7 @@ def merge_config(
     other document, field, comment and quoting stays byte for byte as the user wrote it. The
     result is parsed again and compared with the intended data before it is returned.
     """
-    try:
-        nodes = list(yaml.compose_all(text))
-        documents = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise KubeadmError(f"{where}: not valid YAML ({problem}); fix the file") from None
-    index, version = _find_cluster_configuration(nodes, documents, source)
-    if api is not None and API_VERSIONS[_short(version)] != api_version(api):
-        raise KubeadmError(
-            f"{source}: its ClusterConfiguration is {version}, not {api_version(api)}; drop --api "
-            "or convert the file with `kubeadm config migrate`"
-        )
+    nodes, documents, index, version = _parse(text, source, api)
     etcd = external_etcd(endpoints, paths)
     old_etcd = documents[index].get("etcd") or {}
     replaced = next((k for k in ("local", "external") if k in old_etcd), None)
@@ -178,6 +165,29 @@ def merge_config(
     if merged is None or list(yaml.safe_load_all(merged)) != expected:
         merged = _redump(text, nodes, index, expected[index])
     return MergeResult(text=merged, api=_short(version), replaced=replaced)
+
+
+def validate_config(text: str, source: str, api: str | None = None) -> str:
+    """Check a kubeadm file is mergeable before anything else runs; returns its API version."""
+    return _short(_parse(text, source, api)[3])
+
+
+def _parse(text: str, source: str, api: str | None) -> tuple[list[yaml.Node], list[Any], int, str]:
+    try:
+        nodes = list(yaml.compose_all(text))
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise KubeadmError(f"{where}: not valid YAML ({problem}); fix the file") from None
+    index, version = _find_cluster_configuration(nodes, documents, source)
+    if api is not None and version != api_version(api):
+        raise KubeadmError(
+            f"{source}: its ClusterConfiguration is {version}, not {api_version(api)}; drop --api "
+            "or convert the file with `kubeadm config migrate`"
+        )
+    return nodes, documents, index, version
 
 
 def _short(version: str) -> str:

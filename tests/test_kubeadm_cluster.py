@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 
 from etcdforge import pki
 from etcdforge.client import EtcdClient, prefix_end, run
@@ -64,9 +65,9 @@ class Stacked:
         local.stop(self.pid_file, self.data_dir)
 
 
-def _pair(path: Path, cert: object, key: pki.PrivateKey) -> None:
+def _pair(path: Path, cert: x509.Certificate, key: pki.PrivateKey) -> None:
     atomic_write(path.with_suffix(".key"), pki.key_to_pem(key), PRIVATE_FILE)
-    atomic_write(path.with_suffix(".crt"), pki.cert_to_pem(cert), PUBLIC_FILE)  # type: ignore[arg-type]
+    atomic_write(path.with_suffix(".crt"), pki.cert_to_pem(cert), PUBLIC_FILE)
 
 
 def kubeadm_pki(root: Path, node: str, address: str) -> Path:
@@ -392,3 +393,48 @@ def test_migrate_into_etcd_3_4_with_etcdctl_restore(
 def _admin(cluster: LocalCluster) -> TLSFiles:
     pki_dir = cluster.state_dir / "pki"
     return TLSFiles(pki_dir / "ca.crt", pki_dir / "admin.crt", pki_dir / "admin.key")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_migration_resumes(
+    cluster_factory: ClusterFactory,
+    stacked: tuple[Stacked, dict[bytes, bytes]],
+) -> None:
+    """Stop a migration after the first member is restored; a rerun finishes the rest."""
+    from etcdforge.kubeadm import KubeadmPaths
+    from etcdforge.ops.kubeadm import migrate as migrate_op
+    from etcdforge.ops.target import Selection
+
+    source, expected = stacked
+    target = cluster_factory("resume")
+    seen: list[str] = []
+
+    def progress(title: str) -> None:
+        seen.append(title)
+        if title == "restore m2 from the snapshot":
+            raise _Interrupted
+
+    selection = Selection(file=target.spec_path, state_dir=target.state_dir)
+    with pytest.raises(_Interrupted):
+        migrate_op(selection, source.url, source.pki_dir, KubeadmPaths(), progress=progress)
+    assert "restore m1 from the snapshot" in seen
+    assert etcd_pids_under(target.state_dir) == []
+    assert (target.state_dir / "migrate" / "progress.json").exists()
+
+    # The members are down now, yet the rerun does not refuse: it resumes with the same snapshot.
+    dry = migrate(target, source, "--dry-run")
+    assert dry.code == 0, dry.stderr
+    assert "restore m2" in dry.stdout and "restore m1" not in dry.stdout
+    assert "snapshot the stacked" not in dry.stdout
+    other = kube(target, "migrate", "--from", "https://127.0.0.9:2379", "--from-pki", "/x")
+    assert other.code == 1 and "is in progress" in other.stderr
+
+    result = migrate(target, source)
+    assert result.code == 0, result.stderr
+    assert "restore m1" not in result.stderr and "restore m3" in result.stderr
+    for member in target.data["members"]:
+        assert registry(f"https://{member['address']}:2379", _admin(target)) == expected
+    assert not list((target.state_dir / "members").rglob("*.pre-migrate"))

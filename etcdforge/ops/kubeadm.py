@@ -147,7 +147,7 @@ def config(
     except (OSError, UnicodeDecodeError) as exc:
         raise KubeadmError(f"{merge}: cannot read it ({exc.__class__.__name__})") from None
     # Validate the file before touching the cluster: a bad file is the cheaper mistake to report.
-    kubeadm.merge_config(original, str(merge), ["https://validate.invalid:2379"], paths, api)
+    kubeadm.validate_config(original, str(merge), api)
     found = cluster_endpoints(selection)
     result = kubeadm.merge_config(original, str(merge), found.endpoints, paths, api)
     changed = result.text != original
@@ -584,7 +584,8 @@ def migrate(
             raise MigrationError(
                 f"{endpoint} holds {found.count} /registry/ keys (sha256 {found.sha256[:12]}) "
                 f"but the source had {current.count} (sha256 {current.sha256[:12]}) at revision "
-                f"{current.revision}; the target is left as is for inspection"
+                f"{current.revision}; nothing was cleaned up: the old data dirs are kept as "
+                "*.pre-migrate for inspection"
             )
     _finish(work, record)
     endpoints = cluster_endpoints(Selection(file=selection.file, state_dir=record.layout.root))
@@ -655,8 +656,10 @@ def _restore_step(
         ensure_dir(fresh)
         # The old data is kept aside until every member verifies, then removed.
         if data_dir.exists():
-            remove_tree(_aside(data_dir))
-            data_dir.rename(_aside(data_dir))
+            if _aside(data_dir).exists():
+                remove_tree(data_dir)  # an earlier attempt's restore; the original is aside
+            else:
+                data_dir.rename(_aside(data_dir))
         fresh.rename(data_dir)
         atomic_write(work.marker(name), current.snapshot_sha256.encode(), PRIVATE_FILE)
 
