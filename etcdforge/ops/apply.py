@@ -80,8 +80,8 @@ def target_for(member: MemberSpec) -> SSHTarget:
         host=host,
         port=ssh.port,
         user=ssh.user,
-        identity_file=ssh.identity_file,
-        known_hosts=ssh.known_hosts,
+        identity_file=ssh.identity_file.expanduser() if ssh.identity_file else None,
+        known_hosts=ssh.known_hosts.expanduser() if ssh.known_hosts else None,
         sudo=ssh.sudo,
         connect_timeout=ssh.connect_timeout,
     )
