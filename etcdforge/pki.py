@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from etcdforge.errors import PKIError
-from etcdforge.spec import KeyAlgorithm, is_hostname, is_ip
+from etcdforge.names import KeyAlgorithm, is_hostname, is_ip
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey

@@ -6,9 +6,7 @@ field, so a user fixes the spec before anything is started or written.
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
@@ -24,47 +22,19 @@ from pydantic import (
 )
 
 from etcdforge.errors import SpecError
+from etcdforge.names import HOSTNAME_LABEL as HOSTNAME_LABEL
+from etcdforge.names import KeyAlgorithm as KeyAlgorithm
+from etcdforge.names import is_hostname as is_hostname
+from etcdforge.names import is_ip as is_ip
+from etcdforge.names import is_loopback as is_loopback
 
 SAFE_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MAX_MEMBERS = 7
 DEFAULT_MEMBER_COUNTS = (1, 3, 5, 7)
 
 
-class KeyAlgorithm(StrEnum):
-    ECDSA_P256 = "ecdsa-p256"
-    RSA_2048 = "rsa-2048"
-    RSA_3072 = "rsa-3072"
-    RSA_4096 = "rsa-4096"
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def is_hostname(value: str) -> bool:
-    if not value or len(value) > 253 or is_ip(value):
-        return False
-    labels = value.rstrip(".").split(".")
-    # An all-numeric last label is a malformed IP, not a hostname.
-    return all(HOSTNAME_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def url_host(address: str) -> str:

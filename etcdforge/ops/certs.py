@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -32,12 +32,15 @@ from etcdforge import cfssl, pki
 from etcdforge.errors import PKIError, ServiceError
 from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write, ensure_dir
 from etcdforge.layout import MemberLayout, StateLayout
+from etcdforge.names import is_loopback
 from etcdforge.ops.plan import PlanResult, Progress, Step, execute
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
 from etcdforge.services import local
-from etcdforge.spec import ClusterSpec, MemberSpec, is_loopback
 from etcdforge.tls import TLSFiles
+
+if TYPE_CHECKING:  # the spec pulls in pydantic; gencert and check never need it
+    from etcdforge.spec import ClusterSpec, MemberSpec
 
 ADMIN_COMMON_NAME = "etcdforge-admin"
 DEFAULT_WARN_WITHIN = dt.timedelta(days=30)

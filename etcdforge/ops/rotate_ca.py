@@ -25,6 +25,7 @@ from etcdforge import pki
 from etcdforge.errors import PKIError, ServiceError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, remove_tree
 from etcdforge.layout import MemberLayout, StateLayout
+from etcdforge.names import KeyAlgorithm
 from etcdforge.ops.certs import (
     Leaf,
     bundle_ids,
@@ -41,7 +42,6 @@ from etcdforge.ops.target import Selection, record_for
 from etcdforge.ops.up import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.record import ClusterRecord
 from etcdforge.services import local
-from etcdforge.spec import KeyAlgorithm
 
 PHASES = ("trust", "reissue", "drop")
 

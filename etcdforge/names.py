@@ -1,0 +1,45 @@
+"""Address and key-algorithm vocabulary shared by the spec and the PKI.
+
+Kept free of pydantic and YAML so that certificate code (and `etcdforge certs gencert`, run once
+per certificate like cfssl) starts without loading the spec machinery.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+
+HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class KeyAlgorithm(StrEnum):
+    ECDSA_P256 = "ecdsa-p256"
+    RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
+    RSA_4096 = "rsa-4096"
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def is_hostname(value: str) -> bool:
+    if not value or len(value) > 253 or is_ip(value):
+        return False
+    labels = value.rstrip(".").split(".")
+    # An all-numeric last label is a malformed IP, not a hostname.
+    return all(HOSTNAME_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
