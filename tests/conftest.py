@@ -16,6 +16,9 @@ from tests.helpers import LocalCluster, require_binary, spec_data, write_spec
 
 ClusterFactory = Callable[..., LocalCluster]
 
+# Real test hosts (tests/fleet.py) and etcd release tarballs served on loopback.
+pytest_plugins = ["tests.fleet_plugin", "tests.apply_helpers"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_state_home(
