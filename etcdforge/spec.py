@@ -154,9 +154,9 @@ class HostPathsSpec(_Strict):
     unit: Path = Path("/etc/systemd/system/etcd.service")
     user: str = Field(default="etcd", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
 
-    _abs = field_validator(
-        "bin_dir", "releases_dir", "config_dir", "pki_dir", "data_dir", "unit"
-    )(_absolute)
+    _abs = field_validator("bin_dir", "releases_dir", "config_dir", "pki_dir", "data_dir", "unit")(
+        _absolute
+    )
 
     @field_validator("unit")
     @classmethod

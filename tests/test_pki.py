@@ -206,7 +206,9 @@ def test_known_bad_version_policy() -> None:
     assert "acceptable for a local dev cluster" in str(
         check_version(v351, dev_cluster=True, allow_unsafe=False)
     )
-    with pytest.raises(BinaryError, match=re.escape("set etcd.allow_unsafe_version: true to override")):
+    with pytest.raises(
+        BinaryError, match=re.escape("set etcd.allow_unsafe_version: true to override")
+    ):
         check_version(v351, dev_cluster=False, allow_unsafe=False)
     assert "allow_unsafe_version is set" in str(
         check_version(v351, dev_cluster=False, allow_unsafe=True)
