@@ -84,12 +84,23 @@ class EtcdClient:
     """A small async client; use `async with` or call `aclose()`."""
 
     def __init__(
-        self, endpoints: Sequence[str], tls: TLSFiles, timeout: float = DEFAULT_TIMEOUT
+        self,
+        endpoints: Sequence[str],
+        tls: TLSFiles | None,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport` replaces the TLS connection (and `tls`): requests relayed from another
+        host with that host's files, as `kubeadm certs --check` does from control planes."""
         if not endpoints:
             raise EtcdClientError("no etcd endpoints given")
         self.endpoints = [e.rstrip("/") for e in endpoints]
-        self._http = httpx.AsyncClient(verify=tls.context(), timeout=timeout)
+        if transport is not None:
+            self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
+        elif tls is not None:
+            self._http = httpx.AsyncClient(verify=tls.context(), timeout=timeout)
+        else:
+            raise EtcdClientError("internal: an etcd client needs TLS files or a transport")
 
     async def __aenter__(self) -> EtcdClient:
         return self

@@ -21,10 +21,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import ValidationError
 
 from etcdforge import pki
 from etcdforge.errors import EtcdforgeError
-from etcdforge.spec import KeyAlgorithm
+from etcdforge.spec import KeyAlgorithm, SSHSpec
 
 KUBEADM_GROUP = "kubeadm.k8s.io"
 API_VERSIONS = {"v1beta3": f"{KUBEADM_GROUP}/v1beta3", "v1beta4": f"{KUBEADM_GROUP}/v1beta4"}
@@ -323,3 +324,49 @@ def client_cert_problem(
     if pki.inspect_cert(cert).remaining(now) < RENEW_BEFORE:
         return "it expires within 30 days"
     return None
+
+
+# --- control-plane hosts ---------------------------------------------------------------------
+
+#: What each installed file's mode must be; a file with another mode or owner is not installed.
+INSTALLED_MODES = {CA_RELATIVE: 0o644, CERT_RELATIVE: 0o644, KEY_RELATIVE: 0o600}
+INSTALLED_OWNER = "root:root"
+
+_USER_AT = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<rest>[^@\s]+)$")
+
+
+def parse_control_plane(value: str, defaults: dict[str, Any]) -> tuple[str, SSHSpec]:
+    """`[user@]host[:port]` (IPv6 as `[addr]:port`) over the --ssh-* defaults, validated as a
+    member's `ssh` section is, so both accept and refuse the same things.
+
+    Returns the host as written (the label every message and check row uses) and its ssh section.
+    """
+    match = _USER_AT.match(value.strip())
+    if match is None:
+        raise KubeadmError(f"--control-plane {value!r}: expected [USER@]HOST[:PORT]")
+    fields = dict(defaults)
+    if match["user"]:
+        fields["user"] = match["user"]
+    rest = match["rest"]
+    bracketed = re.fullmatch(r"\[(?P<host>[^\]]+)\](?::(?P<port>[^:]*))?", rest)
+    if bracketed:
+        host, port = bracketed["host"], bracketed["port"]
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host, port = rest, None  # a name, an IPv4 address or a bare IPv6 address
+    if port is not None:
+        if not port.isdigit():
+            raise KubeadmError(f"--control-plane {value!r}: port {port!r} is not a number")
+        fields["port"] = int(port)
+    fields["host"] = host
+    try:
+        ssh = SSHSpec.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "value"
+        option = {"user": "user (USER@ or --ssh-user)", "port": "port (:PORT or --ssh-port)"}
+        raise KubeadmError(
+            f"--control-plane {value!r}: {option.get(where, where)}: {error['msg']}"
+        ) from None
+    return host, ssh

@@ -314,10 +314,15 @@ def test_cli_merge_bad_files_are_one_line_errors(
         assert target.read_text() == content
 
 
-def test_cli_control_plane_needs_the_hosts_layer(tmp_path: Path) -> None:
+def test_cli_control_plane_refusals_before_any_login(tmp_path: Path) -> None:
+    """Bad HOST syntax and a cluster that is not deployed stop before any SSH connection."""
     spec = write_spec(tmp_path, spec_data("cp", 3))
-    result = run_cli(
-        "kubeadm", "certs", "-f", str(spec), "--state-dir", str(tmp_path), "--control-plane", "cp1"
-    )
+    base = ("kubeadm", "certs", "-f", str(spec), "--state-dir", str(tmp_path))
+    result = run_cli(*base, "--control-plane", "cp1")
     assert result.code == 1
-    assert "--control-plane needs the SSH hosts layer" in result.stderr
+    assert result.stderr.startswith(f"error: no cluster 'cp' at {tmp_path}")
+    result = run_cli(*base, "--control-plane", "Admin@cp1")
+    assert result.code == 1
+    assert result.stderr.startswith(
+        "error: --control-plane 'Admin@cp1': user (USER@ or --ssh-user)"
+    )

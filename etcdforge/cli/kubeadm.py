@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -13,6 +13,7 @@ import click
 from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, warn
 
 if TYPE_CHECKING:
+    from etcdforge.hosts import SSHTarget
     from etcdforge.ops.kubeadm import CheckRow, ClusterEndpoints
     from etcdforge.ops.target import Selection
 
@@ -122,8 +123,38 @@ def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
     "--control-plane",
     "control_planes",
     multiple=True,
-    metavar="HOST",
-    help="Install on this control-plane host over SSH (repeatable).",
+    metavar="[USER@]HOST[:PORT]",
+    help="Install on this control-plane host over SSH (repeatable; IPv6 as [ADDR]:PORT).",
+)
+@click.option(
+    "--pki-dir",
+    default="/etc/kubernetes/pki",
+    show_default=True,
+    help="kubeadm's certificatesDir on the control-plane hosts.",
+)
+@click.option("--ssh-user", help="Login user where HOST has no USER@  [default: root]")
+@click.option("--ssh-port", type=int, help="SSH port where HOST has no :PORT  [default: 22]")
+@click.option(
+    "--ssh-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Identity file (only this key is offered)  [default: agent and ~/.ssh/id_*]",
+)
+@click.option(
+    "--known-hosts",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="known_hosts file; host keys are always checked  [default: ~/.ssh/known_hosts]",
+)
+@click.option(
+    "--become/--no-become",
+    default=None,
+    help="Run as root with `sudo -n`  [default: when the user is not root]",
+)
+@click.option(
+    "--ssh-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each SSH login.",
 )
 @click.option("--check", is_flag=True, help="Prove the installed files reach every endpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
@@ -131,27 +162,48 @@ def certs_cmd(
     selection: Selection,
     out: Path | None,
     control_planes: tuple[str, ...],
+    pki_dir: str,
+    ssh_user: str | None,
+    ssh_port: int | None,
+    ssh_key: Path | None,
+    known_hosts: Path | None,
+    become: bool | None,
+    ssh_timeout: float,
     check: bool,
     dry_run: bool,
 ) -> None:
     """Issue the apiserver-etcd-client certificate and install it with the etcd CA certificate.
 
     Like kubeadm: CN kube-apiserver-etcd-client, clientAuth only, signed by the cluster CA; the
-    key is 0600 and the CA key is never copied.
+    key is 0600 and the CA key is never copied. With --control-plane, every host is logged in to
+    and checked (root via sudo) before any is changed, and --check runs from each host.
     """
-    from etcdforge.kubeadm import KubeadmError
-    from etcdforge.ops.kubeadm import LocalInstallation, certs
+    from etcdforge.ops.kubeadm import LocalInstallation, certs, certs_on_hosts
 
+    if out is None and not control_planes:
+        raise click.UsageError("give --out DIR or --control-plane HOST")
+    local = [LocalInstallation(out.absolute())] if out is not None else []
     if control_planes:
-        raise KubeadmError(
-            "--control-plane needs the SSH hosts layer, which this build does not have yet; "
-            "use --out DIR and copy DIR to /etc/kubernetes/pki on each control plane"
+        defaults = {
+            "user": ssh_user,
+            "port": ssh_port,
+            "identity_file": ssh_key.expanduser() if ssh_key else None,
+            "known_hosts": known_hosts.expanduser() if known_hosts else None,
+            "become": become,
+            "connect_timeout": ssh_timeout,
+        }
+        targets = _targets(control_planes, {k: v for k, v in defaults.items() if v is not None})
+        result = certs_on_hosts(
+            selection,
+            targets,
+            PurePosixPath(pki_dir),
+            local,
+            check,
+            dry_run,
+            progress_printer(),
         )
-    if out is None:
-        raise click.UsageError("give --out DIR (or --control-plane HOST)")
-    result = certs(
-        selection, [LocalInstallation(out.absolute())], check, dry_run, progress_printer()
-    )
+    else:
+        result = certs(selection, local, check, dry_run, progress_printer())
     if check:
         assert result.endpoints is not None
         _endpoint_warning(result.endpoints)
@@ -159,15 +211,30 @@ def certs_cmd(
         if not all(row.ok for row in result.rows):
             raise click.exceptions.Exit(EXIT_ERROR)
         return
-    assert result.plan is not None
+    plan = result.plan
+    assert plan is not None
     if dry_run:
-        click.echo(f"{len(result.plan.pending)} step(s) would run")
-        for title in result.plan.pending:
+        click.echo(f"{len(plan.pending)} step(s) would run")
+        for title in plan.pending:
             click.echo(f"  - {title}")
-    elif result.plan.changed:
-        click.echo(f"installed in {out}: etcd/ca.crt, apiserver-etcd-client.crt, .key (0600)")
-    else:
-        click.echo(f"{out}: already installed and valid; nothing changed")
+        return
+    for where, done in result.plans:
+        if done.changed:
+            click.echo(f"{where}: installed etcd/ca.crt, apiserver-etcd-client.crt, .key (0600)")
+        else:
+            click.echo(f"{where}: already installed and valid; nothing changed")
+
+
+def _targets(values: tuple[str, ...], defaults: dict[str, Any]) -> list[SSHTarget]:
+    """Every --control-plane parsed and validated before any host is contacted."""
+    from etcdforge.kubeadm import parse_control_plane
+    from etcdforge.ops.apply import ssh_target
+
+    targets = []
+    for value in values:
+        label, ssh = parse_control_plane(value, defaults)
+        targets.append(ssh_target(label, label, ssh))
+    return targets
 
 
 def _print_check(rows: tuple[CheckRow, ...]) -> None:

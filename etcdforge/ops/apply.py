@@ -38,7 +38,7 @@ from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.ops.up import _dir_step, _record_step, build_record, check_against_record
 from etcdforge.record import ClusterRecord, new_token
 from etcdforge.services import systemd
-from etcdforge.spec import ClusterSpec, HostPathsSpec, MemberSpec
+from etcdforge.spec import ClusterSpec, HostPathsSpec, MemberSpec, SSHSpec
 
 HEALTH_TIMEOUT = 120.0
 HEALTH_POLL = 0.2
@@ -75,8 +75,13 @@ def target_for(member: MemberSpec) -> SSHTarget:
     if ssh is None:
         raise SpecError(f"member {member.name} has no ssh section; `apply` deploys to hosts")
     host = ssh.host or member.address
+    return ssh_target(f"{member.name} ({host})", host, ssh)
+
+
+def ssh_target(label: str, host: str, ssh: SSHSpec) -> SSHTarget:
+    """An `ssh` section (a member's, or a control plane's from the command line) as a login."""
     return SSHTarget(
-        label=f"{member.name} ({host})",
+        label=label,
         host=host,
         port=ssh.port,
         user=ssh.user,

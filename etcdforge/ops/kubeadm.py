@@ -4,8 +4,9 @@ Endpoints are always derived, never stored: the live member list when the cluste
 membership change shows up in the next `kubeadm config`), the spec with a warning when not.
 
 Certificates go to an `Installation` — somewhere kubeadm's pki directory lives and checks can run
-from. The local one writes under a directory; an SSH one (control-plane hosts) plugs in with the
-same three methods.
+from. The local one writes under a directory; `HostInstallation` is a control-plane host over SSH
+(etcdforge.hosts), whose check runs *on that host* with `openssl s_client` and the installed
+files, so it proves what the apiserver there will see: its network path, its files.
 
 Migration is a plan of steps that check live state first, with its progress kept in
 `<state>/migrate/`, so an interrupted run resumes: snapshot the source once, stop every target
@@ -16,27 +17,38 @@ every member holds exactly the source's `/registry/` keys and values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
+
+import httpx
 
 from etcdforge import kubeadm, pki, snapshot
 from etcdforge.binaries import EtcdBinary, format_version, parse_version
 from etcdforge.client import EtcdClient, prefix_end, run
-from etcdforge.errors import EtcdClientError, EtcdforgeError, UnsafeOperationError
+from etcdforge.errors import (
+    EtcdClientError,
+    EtcdforgeError,
+    HostError,
+    PreflightError,
+    UnsafeOperationError,
+)
 from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write, ensure_dir, remove_tree
+from etcdforge.hosts import Host, SSHHost, SSHTarget, fan_out, last_line
 from etcdforge.kubeadm import KubeadmError, KubeadmPaths
 from etcdforge.layout import MemberLayout
+from etcdforge.ops import preflight
 from etcdforge.ops.plan import PlanResult, Progress, Step, execute
 from etcdforge.ops.target import Selection, record_for, state_dir_for
 from etcdforge.record import ClusterRecord, read_record, require_record
 from etcdforge.services import local
-from etcdforge.spec import ClusterSpec, parse_spec
+from etcdforge.spec import ClusterSpec, is_ip, parse_spec
 from etcdforge.tls import TLSFiles
 
 REGISTRY_PREFIX = b"/registry/"
@@ -251,9 +263,14 @@ async def _check_endpoint(client: EtcdClient, where: str, endpoint: str) -> Chec
     return CheckRow(where, endpoint, True)
 
 
-async def check_with(where: str, tls: TLSFiles, endpoints: Sequence[str]) -> list[CheckRow]:
+async def check_with(
+    where: str,
+    tls: TLSFiles | None,
+    endpoints: Sequence[str],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[CheckRow]:
     """Write, read and delete a key under /registry/ through each endpoint, as the apiserver."""
-    async with EtcdClient(endpoints, tls, timeout=5.0) as client:
+    async with EtcdClient(endpoints, tls, timeout=5.0, transport=transport) as client:
         return list(
             await asyncio.gather(*(_check_endpoint(client, where, e) for e in client.endpoints))
         )
@@ -303,9 +320,18 @@ def install_steps(record: ClusterRecord, installation: Installation) -> list[Ste
 @dataclass(frozen=True)
 class CertsResult:
     cluster: str
-    plan: PlanResult | None
+    plans: tuple[tuple[str, PlanResult], ...]  # per installation, in order; empty with check
     rows: tuple[CheckRow, ...]
     endpoints: ClusterEndpoints | None
+
+    @property
+    def plan(self) -> PlanResult | None:
+        if not self.plans:
+            return None
+        return PlanResult(
+            tuple(t for _, p in self.plans for t in p.changed),
+            tuple(t for _, p in self.plans for t in p.pending),
+        )
 
 
 def certs(
@@ -318,11 +344,227 @@ def certs(
     """Install (or with `check`, prove) the apiserver's etcd files on each installation."""
     record = record_for(selection)
     if not check:
-        steps = [s for inst in installations for s in install_steps(record, inst)]
-        return CertsResult(record.name, execute(steps, progress, dry_run), (), None)
+        plans = tuple(
+            (inst.name, execute(install_steps(record, inst), progress, dry_run))
+            for inst in installations
+        )
+        return CertsResult(record.name, plans, (), None)
     found = cluster_endpoints(selection)
     rows = tuple(row for inst in installations for row in inst.check(found.endpoints))
-    return CertsResult(record.name, None, rows, found)
+    return CertsResult(record.name, (), rows, found)
+
+
+# --- control-plane hosts over SSH ------------------------------------------------------------
+
+# Each installed file, as it must be; a file with another mode or owner does not count as
+# installed, so a key others could read is replaced (a new key), not merely chmod-ed.
+_FILES = (kubeadm.CA_RELATIVE, kubeadm.CERT_RELATIVE, kubeadm.KEY_RELATIVE)
+
+# Read-only, one round trip, run as root (sudo): who we are, openssl, and what is installed.
+_HOST_PROBE = r"""
+pki=$1; shift
+echo "uid=$(id -u)"
+command -v openssl >/dev/null 2>&1 && echo "openssl=yes" || echo "openssl=no"
+if [ -e "$pki" ] && [ ! -d "$pki" ]; then echo "pki=not-a-directory"; fi
+for f in "$@"; do [ -f "$pki/$f" ] || echo "missing=$f"; done
+"""
+
+# Seconds one relayed request may take on the host (connect, handshake, answer).
+RELAY_TIMEOUT = 10
+
+
+class RelayTransport(httpx.AsyncBaseTransport):
+    """httpx requests sent from another host: `openssl s_client` there, with that host's files.
+
+    openssl is in every mainstream distribution's base system (Debian's ca-certificates depends
+    on it), so nothing is uploaded. Each request is one HTTP/1.0 exchange on the same TLS port
+    and certificate checks the apiserver's gRPC client uses: the server's certificate against
+    the installed CA *and* the endpoint's IP or name (-verify_ip / -verify_hostname), the client
+    certificate presented to etcd (mutual TLS).
+    """
+
+    def __init__(self, host: Host, ca: PurePosixPath, cert: PurePosixPath, key: PurePosixPath):
+        self.host = host
+        self.files = (ca, cert, key)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        body = await request.aread()
+        name = url.host
+        port = url.port or 443
+        verify = ["-verify_ip", name] if is_ip(name) else ["-verify_hostname", name]
+        if not is_ip(name):
+            verify += ["-servername", name]
+        ca, cert, key = (str(f) for f in self.files)
+        argv = [
+            "timeout", "-k", "2", str(RELAY_TIMEOUT),
+            "openssl", "s_client", "-quiet", "-verify_return_error",
+            "-connect", f"[{name}]:{port}" if ":" in name else f"{name}:{port}",
+            "-CAfile", ca, "-cert", cert, "-key", key, *verify,
+        ]  # fmt: skip
+        head = (
+            f"{request.method} {url.raw_path.decode()} HTTP/1.0\r\n"
+            f"Host: {url.netloc.decode()}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            result = await self.host.run(
+                argv, input=head.encode() + body, check=False, timeout=RELAY_TIMEOUT + 10
+            )
+        except HostError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from None
+        if result.code == 124:
+            raise httpx.ConnectTimeout("timed out", request=request)
+        if not result.stdout.startswith(b"HTTP/"):
+            raise httpx.ConnectError(openssl_reason(result.err), request=request)
+        head_bytes, _, content = result.stdout.partition(b"\r\n\r\n")
+        status = head_bytes.split(b"\r\n", 1)[0].split()
+        try:
+            code = int(status[1])
+        except (IndexError, ValueError):
+            raise httpx.RemoteProtocolError(
+                f"bad status line {status!r}", request=request
+            ) from None
+        return httpx.Response(code, content=content, request=request)
+
+
+def openssl_reason(stderr: str) -> str:
+    """The one cause in `openssl s_client`'s stderr (it prints chains and error stacks)."""
+    for line in stderr.splitlines():
+        if line.startswith("verify error:"):
+            # verify error:num=64:IP address mismatch
+            return f"server certificate not accepted: {line.split(':', 2)[-1]}"
+    for line in stderr.splitlines():
+        if "alert" in line and "error:" in line:
+            # ...:ssl3_read_bytes:sslv3 alert bad certificate:../ssl/...: SSL alert number 42
+            alert = re.search(r"alert ([a-z ]+)", line)
+            what = alert.group(1).strip() if alert else "rejected"
+            return f"client certificate rejected by etcd (TLS alert: {what})"
+    for line in stderr.splitlines():
+        if "Connection refused" in line:
+            return "connection refused"
+    errors = [m.group(1) for m in re.finditer(r"error:[0-9A-F]+:[^:]*:[^:]*:([^:]+)", stderr)]
+    return errors[-1] if errors else last_line(stderr) or "no answer"
+
+
+class HostInstallation:
+    """kubeadm's pki dir on a control-plane host over SSH; checks run from that host.
+
+    The protocol is synchronous (plans are), the hosts layer is not: every call runs on the one
+    event loop that owns the SSH connections (`runner`), so connections live across calls.
+    """
+
+    def __init__(self, host: Host, pki_dir: PurePosixPath, runner: asyncio.Runner) -> None:
+        self.host = host
+        self.pki_dir = pki_dir
+        self._runner = runner
+
+    @property
+    def name(self) -> str:
+        return self.host.label
+
+    def _path(self, relative: str) -> PurePosixPath:
+        return self.pki_dir / relative
+
+    def read(self, relative: str) -> bytes | None:
+        async def read() -> bytes | None:
+            state = await self.host.file_state(self._path(relative))
+            wanted = (kubeadm.INSTALLED_MODES[relative], kubeadm.INSTALLED_OWNER)
+            if state is None or (state.mode, state.owner) != wanted:
+                return None
+            return await self.host.read_file(self._path(relative))
+
+        return self._runner.run(read())
+
+    def write(self, relative: str, data: bytes, mode: int) -> None:
+        path = self._path(relative)
+
+        async def write() -> None:
+            await self.host.run(["mkdir", "-p", "-m", "0755", "--", str(path.parent)])
+            await self.host.write_file(path, data, mode, kubeadm.INSTALLED_OWNER)
+
+        self._runner.run(write())
+
+    def check(self, endpoints: Sequence[str]) -> list[CheckRow]:
+        transport = RelayTransport(self.host, *(self._path(r) for r in _FILES))
+        return self._runner.run(check_with(self.name, None, endpoints, transport))
+
+    async def preflight(self, check: bool) -> None:
+        """Read-only: root (through sudo), a usable pki dir; for `check`, openssl and the files."""
+        argv = ["sh", "-c", _HOST_PROBE, "sh", str(self.pki_dir), *_FILES]
+        result = await self.host.run(argv, check=False)
+        if result.code != 0:
+            raise preflight.probe_failure(self.host, result)
+        lines = result.out.splitlines()
+        values = dict(line.split("=", 1) for line in lines if "=" in line)
+        where = self.name
+        if values.get("uid") != "0":
+            raise PreflightError(
+                f"{where}: commands do not run as root (uid {values.get('uid')}); pass --become "
+                "(passwordless sudo) or log in as root"
+            )
+        if values.get("pki") == "not-a-directory":
+            raise PreflightError(f"{where}: {self.pki_dir} is not a directory; fix --pki-dir")
+        if not check:
+            return
+        if values.get("openssl") != "yes":
+            raise PreflightError(
+                f"{where}: no openssl on the host, which --check runs the test requests with; "
+                "install it (apt install openssl / dnf install openssl)"
+            )
+        missing = [line.split("=", 1)[1] for line in lines if line.startswith("missing=")]
+        if missing:
+            raise KubeadmError(
+                f"{where}: {self._path(missing[0])} not installed; run `etcdforge kubeadm certs "
+                f"--control-plane {where}` first"
+            )
+
+
+@contextlib.contextmanager
+def control_planes(
+    targets: Sequence[SSHTarget], pki_dir: PurePosixPath, check: bool
+) -> Iterator[list[HostInstallation]]:
+    """Log in to every control plane and preflight all of them before yielding any.
+
+    One failing host (unreachable, refused login, no sudo, no openssl for --check) stops
+    everything with one line naming it, before anything is written anywhere.
+    """
+    labels = [t.label for t in targets]
+    if len(set(labels)) != len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise KubeadmError(f"--control-plane {twice} is given twice; give each host once")
+    from etcdforge.ops.apply import close_all
+
+    hosts: dict[str, Host] = {}
+    with asyncio.Runner() as runner:
+
+        async def connect(target: SSHTarget) -> None:
+            hosts[target.label] = await SSHHost.connect(target)
+
+        try:
+            runner.run(fan_out(targets, lambda t: t.label, connect))
+            installations = [HostInstallation(hosts[t.label], pki_dir, runner) for t in targets]
+            runner.run(fan_out(installations, lambda i: i.name, lambda i: i.preflight(check)))
+            yield installations
+        finally:
+            runner.run(close_all(hosts))
+
+
+def certs_on_hosts(
+    selection: Selection,
+    targets: Sequence[SSHTarget],
+    pki_dir: PurePosixPath,
+    extra: Sequence[Installation] = (),
+    check: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> CertsResult:
+    """`certs` on control-plane hosts (and any local `extra`), every host preflighted first."""
+    if not pki_dir.is_absolute():
+        raise KubeadmError(f"--pki-dir {str(pki_dir)!r} must be an absolute path on the hosts")
+    record_for(selection)  # a cluster that is not deployed stops before any login
+    with control_planes(targets, pki_dir, check) as installations:
+        return certs(selection, [*extra, *installations], check, dry_run, progress)
 
 
 # --- migration from a stacked etcd -----------------------------------------------------------

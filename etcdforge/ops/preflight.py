@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from etcdforge.errors import PreflightError
-from etcdforge.hosts import Host, last_line
+from etcdforge.hosts import CommandResult, Host, last_line
 from etcdforge.services.systemd import env_file
 from etcdforge.spec import HostPathsSpec, MemberSpec
 
@@ -114,6 +114,17 @@ def _parse(text: str) -> tuple[dict[str, str], list[Listener]]:
     return values, parse_listeners(listeners_text)
 
 
+def probe_failure(host: Host, result: CommandResult) -> PreflightError:
+    """Why a read-only probe failed; most often sudo asking for a password."""
+    reason = last_line(result.err) or f"exit {result.code}"
+    if "password" in reason or "sudoers" in reason or "sudo" in reason:
+        return PreflightError(
+            f"{host.label}: sudo does not work without a password ({reason}); allow "
+            "passwordless sudo for the ssh user, or log in as root"
+        )
+    return PreflightError(f"{host.label}: cannot inspect the host ({reason})")
+
+
 async def probe(host: Host, paths: HostPathsSpec) -> HostFacts:
     """Log in (sudo included) and read the host's state; raises if sudo does not work."""
     args = [str(paths.data_dir), str(paths.releases_dir), str(env_file(paths)), paths.unit.name]
@@ -121,13 +132,7 @@ async def probe(host: Host, paths: HostPathsSpec) -> HostFacts:
     result = await host.run(["sh", "-c", _PROBE, "sh", *args], check=False)
     after = time.time()
     if result.code != 0:
-        reason = last_line(result.err) or f"exit {result.code}"
-        if "password" in reason or "sudoers" in reason or "sudo" in reason:
-            raise PreflightError(
-                f"{host.label}: sudo does not work without a password ({reason}); allow "
-                "passwordless sudo for the ssh user, or log in as root"
-            )
-        raise PreflightError(f"{host.label}: cannot inspect the host ({reason})")
+        raise probe_failure(host, result)
     values, listeners = _parse(result.out)
     try:
         skew = float(values.get("time", "nan")) - (before + after) / 2
