@@ -31,6 +31,17 @@ def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> bool:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_temp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def write_temp(path: Path, data: bytes, mode: int) -> Path:
+    """A synced temp file beside `path` with its final mode, ready to be renamed over it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
@@ -38,11 +49,10 @@ def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> bool:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return True
+    return Path(tmp)
 
 
 def remove_tree(path: Path) -> None:

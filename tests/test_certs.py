@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from etcdforge import pki
-from etcdforge.ops.certs import served_serial
 from etcdforge.ops.env import env_vars
+from etcdforge.ops.renew import served_serial
 from etcdforge.ops.target import Selection
 from etcdforge.ops.up import up
 from etcdforge.tls import TLSFiles

@@ -14,7 +14,7 @@ import click
 from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer
 
 if TYPE_CHECKING:
-    from etcdforge.ops.certs import CheckReport
+    from etcdforge.ops.cert_check import CheckReport
     from etcdforge.ops.target import Selection
 
 WINDOW = re.compile(r"^(\d+)([dhm]?)$")
@@ -82,7 +82,7 @@ def gencert_cmd(
     etcdforge certs gencert -ca ca.pem -ca-key ca-key.pem -config ca-config.json \\
         -profile server etcd.json
     """
-    from etcdforge.ops.certs import gencert
+    from etcdforge.ops.gencert import gencert
 
     result = gencert(
         csr_file,
@@ -121,7 +121,7 @@ def check_cmd(
     selection: Selection, pki_dir: Path | None, warn_within: dt.timedelta, output: str
 ) -> None:
     """One row per certificate; exit 1 if any is expiring, expired or wrong for its role."""
-    from etcdforge.ops.certs import check
+    from etcdforge.ops.cert_check import check
 
     report = check(selection, warn_within, pki_dir)
     if output == "json":
@@ -175,7 +175,7 @@ def renew_cmd(
 
     Without --all or --member, renews what `certs check` flags (expiring, wrong, mismatched).
     """
-    from etcdforge.ops.certs import renew
+    from etcdforge.ops.renew import renew
 
     if all_leaves and member:
         raise click.UsageError("--all and --member exclude each other")

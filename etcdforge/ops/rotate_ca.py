@@ -26,17 +26,9 @@ from etcdforge.errors import PKIError, ServiceError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, remove_tree
 from etcdforge.layout import MemberLayout, StateLayout
 from etcdforge.names import KeyAlgorithm
-from etcdforge.ops.certs import (
-    Leaf,
-    bundle_ids,
-    chains_to,
-    cluster_leaves,
-    fingerprint,
-    renew_step,
-    swap_pair,
-    write_bundle,
-)
+from etcdforge.ops.certs import bundle_ids, chains_to, fingerprint, swap_pair, write_bundle
 from etcdforge.ops.plan import Progress, Step, execute
+from etcdforge.ops.renew import Leaf, cluster_leaves, renew_step
 from etcdforge.ops.rolling import loaded, restart_member, start_member
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.ops.up import HEALTH_TIMEOUT, wait_healthy

@@ -19,7 +19,7 @@ from etcdforge.binaries import EtcdBinary, check_version, find_etcd, format_vers
 from etcdforge.errors import ServiceError, SpecError
 from etcdforge.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_write, ensure_dir
 from etcdforge.layout import MemberLayout, StateLayout
-from etcdforge.ops.certs import peer_allowed_cn, pki_steps
+from etcdforge.ops.cert_import import peer_allowed_cn, pki_steps
 from etcdforge.ops.plan import Progress, Step, execute
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.record import ClusterRecord, MemberRecord, new_token, write_record
