@@ -97,6 +97,6 @@ def require_record(state_dir: Path, cluster: str) -> ClusterRecord:
     if record is None:
         raise StateError(
             f"no cluster {cluster!r} at {state_dir}; run `etcdforge up` first "
-            "(or pass -f/--state-dir for another cluster)"
+            "(`etcdforge apply -f` for hosts), or pass -f/--state-dir for another cluster"
         )
     return record
