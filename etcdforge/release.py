@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from etcdforge.binaries import Version, format_version, parse_version, probe_version
 from etcdforge.errors import BinaryError, HostError
+from etcdforge.fsutil import file_sha256
 from etcdforge.hosts import Host, last_line
 from etcdforge.spec import EtcdSpec, HostPathsSpec
 
@@ -65,14 +66,6 @@ def cache_dir() -> Path:
 
 def tarball_name(version: Version) -> str:
     return f"etcd-v{format_version(version)}-linux-amd64.tar.gz"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def parse_sums(text: str, name: str) -> str | None:

@@ -8,6 +8,7 @@ import pytest
 
 from etcdforge import release
 from etcdforge.errors import BinaryError
+from etcdforge.fsutil import file_sha256
 from etcdforge.spec import EtcdSpec
 from tests.apply_helpers import ReleaseServer, build_tarball, publish, release_sources, serve
 
@@ -19,7 +20,7 @@ def test_url_is_downloaded_verified_against_sha256sums_and_cached(
     first = release.resolve(spec, tmp_path, cache=tmp_path / "cache")
     assert first.version == (3, 5, 1)
     assert first.tarball.parent == tmp_path / "cache"
-    assert first.sha256 == release.file_sha256(first.tarball)
+    assert first.sha256 == file_sha256(first.tarball)
     fetched = list(release_server.requests)
     assert any(r.endswith("/SHA256SUMS") for r in fetched)
     again = release.resolve(spec, tmp_path, cache=tmp_path / "cache")
@@ -30,7 +31,7 @@ def test_url_is_downloaded_verified_against_sha256sums_and_cached(
 def test_pinned_sha256_is_enough_and_must_match(
     release_server: ReleaseServer, etcd_releases: dict[str, Path], tmp_path: Path
 ) -> None:
-    good = release.file_sha256(etcd_releases["3.4.23"])
+    good = file_sha256(etcd_releases["3.4.23"])
     spec = EtcdSpec(release=release_server.url("3.4.23"), sha256=good)
     assert release.resolve(spec, tmp_path, cache=tmp_path / "a").version == (3, 4, 23)
     bad = EtcdSpec(release=release_server.url("3.4.23"), sha256="0" * 64)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer
+from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, timeout_option
 
 if TYPE_CHECKING:
     from etcdforge.ops.cert_check import CheckReport
@@ -212,13 +212,7 @@ def renew_cmd(
     help="Pause after a phase (e.g. to hand the new CA bundle to other clients); rerun to go on.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(1, 600),
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for health after each member restart.",
-)
+@timeout_option("Seconds to wait for health after each member restart.")
 def rotate_ca_cmd(
     selection: Selection, stop_after: str | None, dry_run: bool, timeout: float
 ) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, warn
+from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, timeout_option, warn
 
 if TYPE_CHECKING:
     from etcdforge.ops.status import MemberStatus
@@ -21,13 +21,7 @@ if TYPE_CHECKING:
 @click.option("--members", type=click.IntRange(1, 7), help="Member count for the default cluster.")
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(1, 600),
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for every member to be healthy.",
-)
+@timeout_option("Seconds to wait for every member to be healthy.")
 @click.option(
     "--pki-dir",
     type=click.Path(path_type=Path, file_okay=False),

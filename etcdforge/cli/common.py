@@ -72,3 +72,16 @@ def progress_printer() -> Callable[[str], None]:
 
 def warn(message: str) -> None:
     click.secho(f"warning: {message}", fg="yellow", err=True)
+
+
+def timeout_option(
+    help_text: str, default: float = 60.0, maximum: float = 600.0
+) -> Callable[[F], F]:
+    """`--timeout SECONDS`: how long a command waits for cluster health."""
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(1, maximum),
+        default=default,
+        show_default=True,
+        help=help_text,
+    )

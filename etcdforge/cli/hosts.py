@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from etcdforge.cli.common import cluster_options, warn
+from etcdforge.cli.common import cluster_options, timeout_option, warn
 
 if TYPE_CHECKING:
     from etcdforge.ops.apply import ApplyResult
@@ -91,12 +91,10 @@ def _print_plan(result: ApplyResult) -> None:
 @click.command("apply")
 @cluster_options
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(1, 3600),
+@timeout_option(
+    "Seconds to wait for the cluster to be healthy (after starts, around each restart).",
     default=120.0,
-    show_default=True,
-    help="Seconds to wait for the cluster to be healthy (after starts, around each restart).",
+    maximum=3600,
 )
 def apply_cmd(selection: Selection, allow_even: bool, timeout: float) -> None:
     """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""

@@ -39,7 +39,14 @@ from etcdforge.errors import (
     PreflightError,
     UnsafeOperationError,
 )
-from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write, ensure_dir, remove_tree
+from etcdforge.fsutil import (
+    PRIVATE_FILE,
+    PUBLIC_FILE,
+    atomic_write,
+    ensure_dir,
+    file_sha256,
+    remove_tree,
+)
 from etcdforge.hosts import Host, SSHHost, SSHTarget, fan_out, last_line
 from etcdforge.kubeadm import KubeadmError, KubeadmPaths
 from etcdforge.layout import MemberLayout
@@ -630,16 +637,6 @@ def _check_source_url(url: str) -> str:
     return value
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _Work:
     """Files of one migration under <state>/migrate/ (0700)."""
 
@@ -775,7 +772,7 @@ def migrate(
         return (
             current is not None
             and work.snapshot.is_file()
-            and current.snapshot_sha256 == _sha256_file(work.snapshot)
+            and current.snapshot_sha256 == file_sha256(work.snapshot)
         )
 
     def snapshot_run() -> None:
@@ -800,7 +797,7 @@ def migrate(
             ) from None
         work.write_progress(
             SourceProgress(
-                url, _sha256_file(work.snapshot), info.revision, found.count, found.sha256, version
+                url, file_sha256(work.snapshot), info.revision, found.count, found.sha256, version
             )
         )
 
