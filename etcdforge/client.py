@@ -153,12 +153,12 @@ class EtcdClient:
 
     async def status(self, endpoint: str) -> EndpointStatus:
         """Status and health of one member; failures are reported in the result, not raised."""
+        # One after the other on the same connection: one TLS handshake per member, not two.
         try:
-            payload, (healthy, health_error) = await asyncio.gather(
-                self.call(endpoint, "/v3/maintenance/status"), self.health(endpoint)
-            )
+            payload = await self.call(endpoint, "/v3/maintenance/status")
         except EtcdClientError as exc:
             return EndpointStatus(endpoint=endpoint, error=str(exc))
+        healthy, health_error = await self.health(endpoint)
         header = payload.get("header", {})
         errors = tuple(payload.get("errors", []))
         return EndpointStatus(

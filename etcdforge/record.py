@@ -7,7 +7,6 @@ certificate work) and so that a rerun reuses the same initial-cluster token.
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,8 @@ class ClusterRecord:
 
 def new_token(cluster: str) -> str:
     """Unique per cluster: the same token and peer URLs would give identical cluster IDs."""
+    import secrets  # only `up` and `apply` mint tokens; read-only commands skip the import
+
     return f"{cluster}-{secrets.token_hex(8)}"
 
 

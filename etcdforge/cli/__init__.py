@@ -5,35 +5,50 @@ Heavy libraries are imported inside the commands, so `etcdforge status` starts q
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from etcdforge.cli.certs import certs_group
-from etcdforge.cli.cluster import down_cmd, env_cmd, status_cmd, up_cmd
 from etcdforge.cli.common import EXIT_ERROR, report_error
-from etcdforge.cli.hosts import apply_cmd, plan_cmd, reset_cmd
-from etcdforge.cli.kubeadm import kubeadm_group
+
+#: command name -> "module:attribute"; a command's module is imported only when it runs.
+COMMANDS = {
+    "up": "etcdforge.cli.cluster:up_cmd",
+    "down": "etcdforge.cli.cluster:down_cmd",
+    "status": "etcdforge.cli.cluster:status_cmd",
+    "env": "etcdforge.cli.cluster:env_cmd",
+    "plan": "etcdforge.cli.hosts:plan_cmd",
+    "apply": "etcdforge.cli.hosts:apply_cmd",
+    "reset": "etcdforge.cli.hosts:reset_cmd",
+    "certs": "etcdforge.cli.certs:certs_group",
+    "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Loads each command's module on demand, so `status` does not pay for `kubeadm`."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="etcdforge")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Deploy and operate standalone mutual-TLS etcd clusters."""
     ctx.obj = {"debug": debug}
-
-
-cli.add_command(up_cmd)
-cli.add_command(down_cmd)
-cli.add_command(status_cmd)
-cli.add_command(env_cmd)
-cli.add_command(certs_group)
-cli.add_command(plan_cmd)
-cli.add_command(apply_cmd)
-cli.add_command(reset_cmd)
-cli.add_command(kubeadm_group)
 
 
 def main(argv: list[str] | None = None) -> None:
