@@ -65,6 +65,16 @@ class SSHSpec(_Strict):
         return self.become if self.become is not None else self.user != "root"
 
 
+def safe_name(value: str, what: str, why: str = "") -> str:
+    """Names become file and directory names: no separators, no surprises."""
+    if not SAFE_NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a safe {what} name: use lowercase letters, digits, '.', '-' "
+            f"or '_', starting and ending with a letter or digit{why}"
+        )
+    return value
+
+
 class MemberSpec(_Strict):
     name: str
     address: str
@@ -75,12 +85,7 @@ class MemberSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_safe(cls, value: str) -> str:
-        if not SAFE_NAME.match(value):
-            raise ValueError(
-                f"{value!r} is not a safe member name: use lowercase letters, digits, '.', '-' "
-                "or '_', starting and ending with a letter or digit (it becomes a file name)"
-            )
-        return value
+        return safe_name(value, "member", " (it becomes a file name)")
 
     @field_validator("address")
     @classmethod
@@ -178,12 +183,7 @@ class ClusterSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _cluster_name_is_safe(cls, value: str) -> str:
-        if not SAFE_NAME.match(value):
-            raise ValueError(
-                f"{value!r} is not a safe cluster name: use lowercase letters, digits, '.', '-' "
-                "or '_', starting and ending with a letter or digit"
-            )
-        return value
+        return safe_name(value, "cluster")
 
     @model_validator(mode="after")
     def _members_consistent(self, info: ValidationInfo) -> Self:
