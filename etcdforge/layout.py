@@ -2,7 +2,7 @@
 
 ```
 <state>/cluster.json            what `up` deployed: token, binary, members (read by status/env/down)
-<state>/pki/                    CA keys live here and nowhere else
+<state>/pki/                    CA keys live here and nowhere else (or the spec's cert_dir)
 <state>/members/<name>/pki/     the member's own server/peer keys and the CA certificates
 <state>/members/<name>/data/    etcd data dir (0700), unless the spec's data_dir moves it
 <state>/members/<name>/etcd.flags, etcd.pid, etcd.log
@@ -82,6 +82,7 @@ class MemberLayout:
 class StateLayout:
     root: Path
     data_root: Path | None = None
+    pki_root: Path | None = None  # the spec's cert_dir: CA keys somewhere better guarded
 
     @property
     def cluster_file(self) -> Path:
@@ -89,7 +90,7 @@ class StateLayout:
 
     @property
     def pki_dir(self) -> Path:
-        return self.root / "pki"
+        return self.pki_root if self.pki_root is not None else self.root / "pki"
 
     @property
     def ca_cert(self) -> Path:

@@ -39,8 +39,12 @@ class ClusterRecord:
 
     @property
     def layout(self) -> StateLayout:
-        data_root = self.spec.get("data_dir")
-        return StateLayout(Path(self.state_dir), Path(data_root) if data_root else None)
+        data_root, pki_root = self.spec.get("data_dir"), self.spec.get("cert_dir")
+        return StateLayout(
+            Path(self.state_dir),
+            Path(data_root) if data_root else None,
+            Path(pki_root) if pki_root else None,
+        )
 
     @property
     def endpoints(self) -> list[str]:

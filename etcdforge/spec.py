@@ -179,6 +179,7 @@ class ClusterSpec(_Strict):
     pki: PKISpec = PKISpec()
     state_dir: Path | None = None
     data_dir: Path | None = None
+    cert_dir: Path | None = None
 
     @field_validator("name")
     @classmethod
@@ -290,10 +291,10 @@ def load_spec(path: Path, allow_even: bool = False) -> ClusterSpec:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise SpecError(f"{where}: {problem}; fix the YAML syntax") from None
     spec = parse_spec(data, source=str(path), allow_even=allow_even, root=root)
-    if spec.state_dir is not None and not spec.state_dir.is_absolute():
-        spec = spec.model_copy(update={"state_dir": (path.parent / spec.state_dir).resolve()})
-    if spec.data_dir is not None and not spec.data_dir.is_absolute():
-        spec = spec.model_copy(update={"data_dir": (path.parent / spec.data_dir).resolve()})
+    for key in ("state_dir", "data_dir", "cert_dir"):
+        value = getattr(spec, key)
+        if value is not None and not value.is_absolute():
+            spec = spec.model_copy(update={key: (path.parent / value).resolve()})
     return spec
 
 

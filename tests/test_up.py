@@ -164,3 +164,16 @@ def test_default_cluster_from_nothing(tmp_path: Path) -> None:
     finally:
         run_cli("down", "--purge", env=env)
     assert etcd_pids_under(tmp_path) == []
+
+
+def test_cert_dir_keeps_ca_keys_apart_and_purge_removes_it(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    cert_dir = tmp_path / "guarded-pki"
+    cluster = cluster_factory("certdir", count=1, cert_dir=str(cert_dir))
+    assert (cert_dir / "ca.key").exists() and (cert_dir / "peer-ca.key").exists()
+    assert oct(cert_dir.stat().st_mode & 0o777) == "0o700"
+    assert not list(cluster.state_dir.rglob("ca.key")), "no CA key under the state dir"
+    assert cluster.etcdctl("put", "k", "v").returncode == 0  # the admin cert from cert_dir works
+    assert cluster.cli("down", "--purge").code == 0
+    assert not cert_dir.exists() and not cluster.state_dir.exists()

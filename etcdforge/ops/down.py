@@ -42,7 +42,8 @@ def down(selection: Selection, purge: bool = False, progress: Progress | None = 
             if data_dir.exists():
                 remove_tree(data_dir)
                 purged.append(data_dir)
-        if layout.root.exists():
-            remove_tree(layout.root)
-            purged.append(layout.root)
+        for path in (layout.pki_dir, layout.root):
+            if path.exists():
+                remove_tree(path)
+                purged.append(path)
     return DownResult(cluster=record.name, stopped=tuple(stopped), purged=tuple(purged))

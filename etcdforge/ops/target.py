@@ -61,7 +61,7 @@ def spec_for_up(
                     f"{count - 1}; use 1, 3, 5 or 7, or pass --allow-even"
                 )
             spec = default_spec(count, name)
-    layout = StateLayout(state_dir_for(selection, spec), spec.data_dir)
+    layout = StateLayout(state_dir_for(selection, spec), spec.data_dir, spec.cert_dir)
     return spec, layout, record
 
 
