@@ -47,6 +47,11 @@ class ClusterRecord:
         )
 
     @property
+    def on_hosts(self) -> bool:
+        """Members run on real hosts (deployed by `apply`), not as local processes."""
+        return any(m.get("ssh") for m in self.spec.get("members", []))
+
+    @property
     def endpoints(self) -> list[str]:
         return [m.client_url for m in self.members]
 

@@ -193,6 +193,35 @@ def test_plan_shows_drift_changes_nothing_and_apply_repairs_without_restart(
     assert main_pids(deployed.hosts) == before  # the running process already had the settings
 
 
+def test_renewed_certificate_is_installed_by_apply_without_restart(deployed: Deployed) -> None:
+    from etcdforge.ops.renew import served_serial
+    from etcdforge.tls import TLSFiles
+
+    host = deployed.hosts[0]
+    state_pki = deployed.state / "pki"
+    admin = TLSFiles(state_pki / "ca.crt", state_pki / "admin.crt", state_pki / "admin.key")
+    served_before = served_serial(host.address, 2379, admin)
+    before = main_pids(deployed.hosts)
+    renewed = deployed.cli("certs", "renew", "--member", "etcd-1")
+    assert renewed.code == 0, renewed.stderr
+    assert "run `etcdforge apply -f ...` to install them on the hosts" in renewed.stdout
+    assert served_serial(host.address, 2379, admin) == served_before  # not pushed yet
+    result = deployed.cli("apply")
+    assert result.code == 0, result.stderr
+    local = pki.load_cert(deployed.state / "members" / "etcd-1" / "pki" / "server.crt")
+    assert served_serial(host.address, 2379, admin) == local.serial_number != served_before
+    assert main_pids(deployed.hosts) == before  # etcd reads the new files on the next handshake
+
+
+def test_rotate_ca_is_refused_for_host_clusters(deployed: Deployed) -> None:
+    result = deployed.cli("certs", "rotate-ca")
+    assert result.code == 1
+    assert result.stderr.splitlines() == [
+        "error: cluster fleet3 runs on hosts: rotate-ca restarts local members only and would "
+        "change nothing on them; rotate host clusters by hand for now (see README)"
+    ]
+
+
 def test_members_running_other_settings_restart_one_at_a_time(deployed: Deployed) -> None:
     for host in deployed.hosts:  # each member now runs with a setting the spec does not have
         host.run("sh", "-c", "echo ETCD_HEARTBEAT_INTERVAL=100 >> /etc/etcd/etcd.env")

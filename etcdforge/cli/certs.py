@@ -197,6 +197,12 @@ def renew_cmd(
             click.echo(f"  - {title}")
     elif not result.renewed:
         click.echo(f"cluster {result.cluster}: nothing to renew")
+    elif result.on_hosts:
+        click.echo(
+            f"cluster {result.cluster}: renewed {len(result.renewed)} certificate(s) on the "
+            "admin machine; run `etcdforge apply -f ...` to install them on the hosts "
+            "(members serve them on new connections, no restart)"
+        )
     else:
         click.echo(
             f"cluster {result.cluster}: renewed {len(result.renewed)} certificate(s); "

@@ -220,6 +220,7 @@ class RenewResult:
     renewed: tuple[str, ...]
     pending: tuple[str, ...]
     considered: int
+    on_hosts: bool = False
 
 
 def renew(
@@ -253,4 +254,4 @@ def renew(
     validity = day_span(days or int(record.spec.get("pki", {}).get("cert_validity_days", 365)))
     steps = [renew_step(record, leaf, validity, new_key) for leaf in leaves]
     result: PlanResult = execute(steps, progress, dry_run)
-    return RenewResult(record.name, result.changed, result.pending, len(leaves))
+    return RenewResult(record.name, result.changed, result.pending, len(leaves), record.on_hosts)

@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 
 from etcdforge import pki
-from etcdforge.errors import PKIError, ServiceError
+from etcdforge.errors import PKIError, ServiceError, UnsafeOperationError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, remove_tree
 from etcdforge.layout import MemberLayout, StateLayout
 from etcdforge.names import KeyAlgorithm
@@ -303,6 +303,12 @@ def rotate_ca(
     timeout: float = HEALTH_TIMEOUT,
 ) -> RotateResult:
     record = record_for(selection)
+    if record.on_hosts:
+        # The rolling restarts here drive local members; doing them to hosts needs systemd.
+        raise UnsafeOperationError(
+            f"cluster {record.name} runs on hosts: rotate-ca restarts local members only and "
+            "would change nothing on them; rotate host clusters by hand for now (see README)"
+        )
     if not dry_run:
         _require_live(record, timeout)
     restarted: list[str] = []
