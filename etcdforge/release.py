@@ -233,25 +233,40 @@ def _pack_dir(path: Path, cache: Path) -> Release:
 
 def _check_binary(release: Release, cache: Path) -> None:
     """Run the tarball's etcd --version here once: a tarball's name must not lie."""
-    unpacked = cache / "unpacked" / release.sha256[:16]
-    binary = unpacked / release.top_dir / "etcd"
-    if not binary.is_file():
-        unpacked.mkdir(parents=True, exist_ok=True)
-        try:
-            with tarfile.open(release.tarball) as archive:
-                member = archive.getmember(f"{release.top_dir}/etcd")
-                archive.extract(member, unpacked, filter="data")
-        except (tarfile.TarError, KeyError, OSError) as exc:
-            raise BinaryError(
-                f"etcd.release {release.source}: not an etcd release tarball (no "
-                f"{release.top_dir}/etcd inside: {exc})"
-            ) from None
+    binary = _extract(release, cache, ("etcd",)) / "etcd"
     actual = probe_version(binary)
     if actual != release.version:
         raise BinaryError(
             f"etcd.release {release.source}: named {release.tag} but its etcd is "
             f"{format_version(actual)}; use the real release tarball"
         )
+
+
+def _extract(release: Release, cache: Path, names: tuple[str, ...]) -> Path:
+    """Unpack `names` (those the tarball has; etcd is required) once into the cache."""
+    directory = cache / "unpacked" / release.sha256[:16] / release.top_dir
+    if all((directory / n).is_file() for n in names):
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(release.tarball) as archive:
+            present = set(archive.getnames())
+            for name in names:
+                path = f"{release.top_dir}/{name}"
+                if name == "etcd" or path in present:
+                    archive.extract(archive.getmember(path), directory.parent, filter="data")
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        raise BinaryError(
+            f"etcd.release {release.source}: not an etcd release tarball (no "
+            f"{release.top_dir}/etcd inside: {exc})"
+        ) from None
+    return directory
+
+
+def admin_tools(release: Release, cache: Path | None = None) -> Path:
+    """The release's etcd, etcdctl and etcdutl unpacked on the admin machine (its directory):
+    the hosts' own client tools, for work done here such as saving a snapshot."""
+    return _extract(release, cache or cache_dir(), BINARIES)
 
 
 # --- on a host ---------------------------------------------------------------------------------

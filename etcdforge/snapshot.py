@@ -18,7 +18,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from etcdforge.binaries import EtcdBinary, Version, parse_version
 from etcdforge.client import EtcdClient, prefix_end
@@ -94,11 +94,11 @@ def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
     except subprocess.TimeoutExpired:
         raise SnapshotError(f"{argv[0]}: {what} did not finish in {timeout:.0f} s") from None
     if result.returncode != 0:
-        raise SnapshotError(f"{what} failed: {_last_error(result.stderr or result.stdout)}")
+        raise SnapshotError(f"{what} failed: {last_error(result.stderr or result.stdout)}")
     return result.stdout
 
 
-def _last_error(output: str) -> str:
+def last_error(output: str) -> str:
     """etcd tools log JSON lines and then print `Error: ...`; keep the one line that matters."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in reversed(lines):
@@ -155,7 +155,11 @@ def restore_features(tools: SnapshotTools) -> RestoreFeatures:
         )
     except (OSError, subprocess.TimeoutExpired):
         return RestoreFeatures(False, False)
-    text = result.stdout + result.stderr
+    return features_from_help(result.stdout + result.stderr)
+
+
+def features_from_help(text: str) -> RestoreFeatures:
+    """What a `snapshot restore --help` output offers; shared by local and remote tools."""
     return RestoreFeatures("--bump-revision" in text, "--mark-compacted" in text)
 
 
@@ -214,8 +218,32 @@ def restore(
     """Restore one member's data dir (which must not exist yet) from `snapshot`."""
     if data_dir.exists():
         raise SnapshotError(f"{data_dir}: already exists; a restore needs a fresh data dir")
-    argv = [
+    argv = restore_argv(
         str(tools.restorer),
+        snapshot,
+        data_dir,
+        name,
+        initial_cluster,
+        token,
+        peer_url,
+        bump_revision,
+    )
+    _run(argv, f"restore of {name}")
+
+
+def restore_argv(
+    restorer: str,
+    snapshot: PurePath,
+    data_dir: PurePath,
+    name: str,
+    initial_cluster: str,
+    token: str,
+    peer_url: str,
+    bump_revision: int = 0,
+) -> list[str]:
+    """The restore command line, for this machine or a host (paths are the tool's side)."""
+    argv = [
+        restorer,
         "snapshot",
         "restore",
         str(snapshot),
@@ -227,7 +255,7 @@ def restore(
     ]
     if bump_revision:
         argv += [f"--bump-revision={bump_revision}", "--mark-compacted"]
-    _run(argv, f"restore of {name}")
+    return argv
 
 
 async def fingerprint(

@@ -30,7 +30,7 @@ from typing import Protocol
 import httpx
 
 from etcdforge import kubeadm, pki, snapshot
-from etcdforge.binaries import EtcdBinary, format_version, parse_version
+from etcdforge.binaries import format_version, parse_version
 from etcdforge.client import EtcdClient, prefix_end, run
 from etcdforge.errors import (
     EtcdClientError,
@@ -45,16 +45,13 @@ from etcdforge.fsutil import (
     atomic_write,
     ensure_dir,
     file_sha256,
-    remove_tree,
 )
 from etcdforge.hosts import Host, SSHHost, SSHTarget, fan_out, last_line
 from etcdforge.kubeadm import KubeadmError, KubeadmPaths
-from etcdforge.layout import MemberLayout
-from etcdforge.ops import preflight
+from etcdforge.ops import preflight, restore
 from etcdforge.ops.plan import PlanResult, Progress, Step, execute
 from etcdforge.ops.target import Selection, record_for, state_dir_for
 from etcdforge.record import ClusterRecord, read_record, require_record
-from etcdforge.services import local
 from etcdforge.spec import ClusterSpec, is_ip, parse_spec
 from etcdforge.tls import TLSFiles
 
@@ -646,9 +643,6 @@ class _Work:
         self.progress = self.root / "progress.json"
         self.last = self.root / "last.json"
 
-    def marker(self, member: str) -> Path:
-        return self.root / f"restored-{member}"
-
     def read_progress(self) -> SourceProgress | None:
         try:
             return SourceProgress(**json.loads(self.progress.read_text()))
@@ -736,14 +730,14 @@ def migrate(
     dry_run: bool = False,
     progress: Progress | None = None,
 ) -> MigrateResult:
-    """Snapshot the stacked etcd, restore it into every member, prove the data, print the config."""
-    from etcdforge.ops.up import up
+    """Snapshot the stacked etcd, restore it into every member, prove the data, print the config.
 
+    The target is a local cluster (`up`) or one on hosts (`apply`): ops.restore hides which.
+    """
     paths.validate()
     kubeadm.api_version(api)
     url = _check_source_url(source)
     record = record_for(selection)
-    binary = EtcdBinary(Path(record.binary), parse_version(record.version))
     work = _Work(record)
     resumed = work.read_progress()
     if resumed is not None and resumed.source != url:
@@ -752,19 +746,39 @@ def migrate(
             f"--from {resumed.source} to finish it, or remove {work.root} to abandon it"
         )
     tls = source_tls(source_pki)
-    tools = snapshot.find_tools(binary)
-    features = snapshot.restore_features(tools)
+    with restore.open_target(selection, record, work.root) as target:
+        return _migrate(
+            selection, target, work, url, tls, paths, api, replace, bump, dry_run, progress
+        )
+
+
+def _migrate(
+    selection: Selection,
+    target: restore.RestoreTarget,
+    work: _Work,
+    url: str,
+    tls: TLSFiles,
+    paths: KubeadmPaths,
+    api: str,
+    replace: bool,
+    bump: bool,
+    dry_run: bool,
+    progress: Progress | None,
+) -> MigrateResult:
+    record = target.record
+    tools = target.tools()
+    features = target.features()
     warnings: list[str] = []
     bump_by = snapshot.DEFAULT_BUMP if bump and features.can_bump else 0
     if bump and not features.can_bump:
         warnings.append(
-            f"{tools.restorer} (etcd {format_version(binary.version)}) has no --bump-revision/"
+            f"{target.restorer()} (etcd {format_version(tools.version)}) has no --bump-revision/"
             "--mark-compacted (etcd 3.5.10+/3.4.27+): revisions carry over unchanged, so keep "
             "every kube-apiserver stopped from the snapshot until the switch-over"
         )
-    if resumed is None:
+    if work.read_progress() is None:
         # Everything that can refuse does so here, before the first change.
-        _preflight_source(url, tls, binary.version)
+        _preflight_source(url, tls, tools.version)
         _preflight_target(record, replace)
 
     def snapshot_done() -> bool:
@@ -777,8 +791,7 @@ def migrate(
 
     def snapshot_run() -> None:
         ensure_dir(work.root)
-        for member in record.members:
-            work.marker(member.name).unlink(missing_ok=True)
+        target.forget()
         snapshot.save(tools, url, tls, work.snapshot)
         info = snapshot.status(tools, work.snapshot)
 
@@ -801,13 +814,19 @@ def migrate(
             )
         )
 
-    steps = [Step(f"snapshot the stacked etcd at {url} and verify it", snapshot_done, snapshot_run)]
-    layout = record.layout
-    steps += [_stop_step(m.name, layout.member(m.name)) for m in record.members]
-    spec = _record_spec(record)
-    for member in record.members:
-        steps.append(_restore_step(work, tools, spec, record, member.name, bump_by))
-    result = execute(steps, progress, dry_run)
+    def restore_steps() -> list[Step]:
+        # Built once the snapshot exists: every step restores from that one file.
+        current = work.read_progress()
+        sha = current.snapshot_sha256 if current is not None else ""
+        return target.steps(restore.Snapshot(work.snapshot, sha, bump_by))
+
+    first = execute(
+        [Step(f"snapshot the stacked etcd at {url} and verify it", snapshot_done, snapshot_run)],
+        progress,
+        dry_run,
+    )
+    rest = execute(restore_steps(), progress, dry_run)
+    result = PlanResult(first.changed + rest.changed, first.pending + rest.pending)
     current = work.read_progress()
     if dry_run or current is None:
         return MigrateResult(
@@ -815,7 +834,7 @@ def migrate(
         )
     if progress:
         progress("start every member on the restored data")
-    up(Selection(file=selection.file, state_dir=record.layout.root), allow_even=True)
+    target.start()
     if progress:
         progress("compare /registry/ on every member with the source")
     for endpoint, found in run(_fingerprints(record.endpoints, record.admin_tls)):
@@ -824,9 +843,10 @@ def migrate(
                 f"{endpoint} holds {found.count} /registry/ keys (sha256 {found.sha256[:12]}) "
                 f"but the source had {current.count} (sha256 {current.sha256[:12]}) at revision "
                 f"{current.revision}; nothing was cleaned up: the old data dirs are kept as "
-                "*.pre-migrate for inspection"
+                f"*{restore.ASIDE} for inspection"
             )
-    _finish(work, record)
+    target.finish()
+    work.progress.replace(work.last)
     endpoints = cluster_endpoints(Selection(file=selection.file, state_dir=record.layout.root))
     text = kubeadm.render_cluster_configuration(endpoints.endpoints, paths, api)
     return MigrateResult(
@@ -841,72 +861,3 @@ def migrate(
         text,
         tuple(warnings),
     )
-
-
-def _stop_step(name: str, files: MemberLayout) -> Step:
-    return Step(
-        f"stop {name}",
-        lambda: local.running_pid(files.pid_file, files.data_dir) is None,
-        lambda: local.stop(files.pid_file, files.data_dir),
-    )
-
-
-def _aside(data_dir: Path) -> Path:
-    return data_dir.with_name(data_dir.name + ".pre-migrate")
-
-
-def _restore_step(
-    work: _Work,
-    tools: snapshot.SnapshotTools,
-    spec: ClusterSpec,
-    record: ClusterRecord,
-    name: str,
-    bump_by: int,
-) -> Step:
-    member = spec.member(name)
-    data_dir = record.layout.member(name).data_dir
-
-    def done() -> bool:
-        current = work.read_progress()
-        try:
-            mark = work.marker(name).read_text()
-        except FileNotFoundError:
-            return False
-        return current is not None and mark == current.snapshot_sha256 and data_dir.is_dir()
-
-    def restore() -> None:
-        current = work.read_progress()
-        if current is None:
-            raise MigrationError(f"{work.progress}: missing; rerun the migration from the start")
-        if local.running_pid(record.layout.member(name).pid_file, data_dir) is not None:
-            raise MigrationError(f"member {name} is running again; stop it and rerun")
-        fresh = data_dir.with_name(data_dir.name + ".restoring")
-        remove_tree(fresh)
-        snapshot.restore(
-            tools,
-            work.snapshot,
-            fresh,
-            name,
-            spec.initial_cluster,
-            record.token,
-            member.peer_url,
-            bump_by,
-        )
-        ensure_dir(fresh)
-        # The old data is kept aside until every member verifies, then removed.
-        if data_dir.exists():
-            if _aside(data_dir).exists():
-                remove_tree(data_dir)  # an earlier attempt's restore; the original is aside
-            else:
-                data_dir.rename(_aside(data_dir))
-        fresh.rename(data_dir)
-        atomic_write(work.marker(name), current.snapshot_sha256.encode(), PRIVATE_FILE)
-
-    return Step(f"restore {name} from the snapshot", done, restore)
-
-
-def _finish(work: _Work, record: ClusterRecord) -> None:
-    for member in record.members:
-        remove_tree(_aside(record.layout.member(member.name).data_dir))
-        work.marker(member.name).unlink(missing_ok=True)
-    work.progress.replace(work.last)
