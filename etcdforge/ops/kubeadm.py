@@ -9,9 +9,10 @@ from. The local one writes under a directory; `HostInstallation` is a control-pl
 files, so it proves what the apiserver there will see: its network path, its files.
 
 Migration is a plan of steps that check live state first, with its progress kept in
-`<state>/migrate/`, so an interrupted run resumes: snapshot the source once, stop every target
-member, restore each from that one snapshot, start them with `up`'s machinery, then prove that
-every member holds exactly the source's `/registry/` keys and values.
+`<state>/migrate/`, so an interrupted run resumes: snapshot the source once (always on this
+machine, so hosts never need to reach it), then ops.restore stops every target member, restores
+each from that one snapshot and starts them — a local cluster or one on hosts alike — and finally
+every member must hold exactly the source's `/registry/` keys and values.
 """
 
 from __future__ import annotations
