@@ -162,3 +162,47 @@ def test_migrate_into_hosts_moves_every_registry_key(setup: Setup, tmp_path: Pat
     assert setup.main_pids() == pids
     for host in setup.hosts:
         assert leftovers(host) == [], host
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_replace_on_hosts_resumes(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after etcd-1 is restored: members stay down, the rerun finishes with that snapshot."""
+    from etcdforge.kubeadm import KubeadmPaths
+    from etcdforge.ops.kubeadm import migrate as migrate_op
+    from etcdforge.ops.target import Selection
+
+    for key, value in setup.env.items():
+        monkeypatch.setenv(key, value)
+
+    def progress(title: str) -> None:
+        if title.startswith("restore etcd-2 "):
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        migrate_op(
+            Selection(file=setup.spec),
+            setup.source.url,
+            setup.source.pki_dir,
+            KubeadmPaths(),
+            replace=True,
+            progress=progress,
+        )
+    assert (setup.state / "migrate" / "progress.json").exists()
+    for host in setup.hosts:
+        state = host.run("systemctl", "is-active", UNIT, check=False).stdout.strip()
+        assert state != "active", host
+    assert leftovers(setup.hosts[0]) == [f"{DATA}.pre-migrate"]
+    assert leftovers(setup.hosts[1]) == []
+
+    resumed = setup.migrate("--replace")
+    assert resumed.code == 0, resumed.stderr
+    assert "restore etcd-1 " not in resumed.stderr and "restore etcd-3 " in resumed.stderr
+    for endpoint in setup.endpoints:
+        assert registry(endpoint, setup.admin_tls) == setup.expected, endpoint
+    for host in setup.hosts:
+        assert leftovers(host) == [], host
