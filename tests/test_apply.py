@@ -6,11 +6,15 @@ take it apart (kill the CLI midway, reset) run last, in file order.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,13 +217,197 @@ def test_renewed_certificate_is_installed_by_apply_without_restart(deployed: Dep
     assert main_pids(deployed.hosts) == before  # etcd reads the new files on the next handshake
 
 
-def test_rotate_ca_is_refused_for_host_clusters(deployed: Deployed) -> None:
-    result = deployed.cli("certs", "rotate-ca")
-    assert result.code == 1
-    assert result.stderr.splitlines() == [
-        "error: cluster fleet3 runs on hosts: rotate-ca restarts local members only and would "
-        "change nothing on them; rotate host clusters by hand for now (see README)"
-    ]
+class HostLoad:
+    """Puts from the admin machine with the admin certificate, bounded in count and time.
+
+    On a failure it re-reads the TLS files (they change during a rotation) and retries the same
+    key on the next endpoint, as a well-behaved client does.
+    """
+
+    def __init__(self, deployed: Deployed, prefix: str) -> None:
+        self.deployed, self.prefix = deployed, prefix
+        self.acked: list[str] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HostLoad:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+    def _client(self) -> httpx.Client:
+        files = self.deployed.state / "pki"
+        context = ssl.create_default_context(cafile=str(files / "ca.crt"))
+        context.check_hostname = False
+        context.load_cert_chain(str(files / "admin.crt"), str(files / "admin.key"))
+        return httpx.Client(verify=context, timeout=5.0)
+
+    def _run(self) -> None:
+        endpoints = [endpoint(h) for h in self.deployed.hosts]
+        deadline = time.monotonic() + 900
+        client = self._client()
+        index = attempt = 0
+        while not self.stop.is_set() and index < 20000 and time.monotonic() < deadline:
+            key = f"{self.prefix}/{index:06d}"
+            url = endpoints[(index + attempt) % len(endpoints)]
+            body = {"key": base64.b64encode(key.encode()).decode(), "value": "dg=="}
+            try:
+                response = client.post(f"{url}/v3/kv/put", json=body)
+                if response.status_code != 200 or "error" in response.json():
+                    raise RuntimeError(f"{response.status_code} {response.text}")
+            except Exception as exc:
+                self.failures.append(f"{key} via {url}: {exc.__class__.__name__}: {exc}")
+                attempt += 1
+                client.close()
+                client = self._client()
+                time.sleep(0.05)
+                continue
+            self.acked.append(key)
+            index += 1
+        client.close()
+
+
+class ServiceWatch:
+    """Samples every host's etcd unit (MainPID, ActiveState) until stopped (bounded)."""
+
+    def __init__(self, hosts: list[Host]) -> None:
+        self.hosts = hosts
+        self.samples: list[list[tuple[str, str]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ServiceWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 900
+        while not self.stop.is_set() and len(self.samples) < 20000 and time.monotonic() < deadline:
+            sample = []
+            for host in self.hosts:
+                shown = host.run(
+                    "systemctl", "show", "-p", "MainPID", "-p", "ActiveState", "etcd.service",
+                    check=False,
+                ).stdout  # fmt: skip
+                fields = dict(line.partition("=")[::2] for line in shown.splitlines())
+                sample.append((fields.get("MainPID", "?"), fields.get("ActiveState", "?")))
+            self.samples.append(sample)
+            time.sleep(0.1)
+
+    def pids(self, index: int) -> set[str]:
+        return {s[index][0] for s in self.samples if s[index][1] == "active"}
+
+
+def _rotate_until(deployed: Deployed, marker: str) -> str:
+    """Run `certs rotate-ca` and SIGKILL it once a progress line after phase 1 began has `marker`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etcdforge", "certs", "rotate-ca", "-f", str(deployed.spec)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **deployed.env}, start_new_session=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    began = False
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # bounded: the process ends, or we kill it at the marker
+            seen.append(line)
+            began = began or "begin phase 1" in line
+            if began and marker in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    return "".join(seen)
+
+
+def _host_certs(host: Host, path: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(host.run("cat", path).stdout.encode())
+
+
+def test_rotate_ca_on_hosts_under_load_killed_midway_and_resumed(
+    deployed: Deployed, tmp_path: Path
+) -> None:
+    from etcdforge.ops.certs import chains_to
+
+    state_pki = deployed.state / "pki"
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("ca.crt", "peer-ca.crt", "admin.crt", "admin.key"):
+        shutil.copy(state_pki / name, old / name)
+    dry = deployed.cli("certs", "rotate-ca", "--dry-run")
+    assert dry.code == 0, dry.stderr
+    assert "  - install both CAs on the hosts, restarting one at a time" in dry.stdout
+    assert not (state_pki / "rotation").exists()
+    before = main_pids(deployed.hosts)
+    with ServiceWatch(deployed.hosts) as watch, HostLoad(deployed, "rotate") as load:
+        output = _rotate_until(deployed, "restart etcd.service")
+        assert "trust the old and new cluster CAs in the state directory" in output
+        assert (state_pki / "rotation" / "phase").read_text().strip() == "1"
+        assert len(pki.load_certs(state_pki / "ca.crt")) == 2
+        paused = deployed.cli("certs", "rotate-ca", "--stop-after", "trust", timeout=600)
+        assert paused.code == 0, paused.stderr
+        assert "paused after phase 'trust'" in paused.stdout
+        assert "remember the cluster CA in use" not in paused.stderr  # resumed, not restarted
+        for host in deployed.hosts:
+            assert len(_host_certs(host, "/etc/etcd/pki/ca.crt")) == 2
+        resumed = deployed.cli("certs", "rotate-ca", timeout=600)
+        assert resumed.code == 0, resumed.stderr
+        assert "CA rotation complete" in resumed.stdout
+        assert "trust the old and new CAs in files of" not in resumed.stderr
+        assert "install the new certificates on the hosts (no restart)" in resumed.stderr
+        acked = len(load.acked)
+        deadline = time.monotonic() + 30  # a request may be mid-retry: wait for the next ack
+        while len(load.acked) <= acked and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(load.acked) > acked, "writes continue after the rotation"
+    stored = deployed.etcdctl("get", "rotate/", "--prefix", "--keys-only")
+    assert stored.returncode == 0, stored.stderr
+    assert set(stored.stdout.split()) >= set(load.acked), "0 lost writes"
+    assert not (state_pki / "rotation").exists()
+    # Restarted (twice, from the CLI's output) and never two members down at once.
+    after = main_pids(deployed.hosts)
+    assert all(a != b for a, b in zip(after, before, strict=True))
+    assert all(sum(state != "active" for _, state in s) <= 1 for s in watch.samples)
+    assert all(len(watch.pids(i)) >= 2 for i in range(3)), watch.samples[-1]
+    restarts = [line for line in resumed.stderr.splitlines() if "restart etcd.service" in line]
+    assert len(restarts) == 3, resumed.stderr  # phase 3's only: 1 was done, 2 restarts nothing
+    assert all(r["healthy"] for r in statuses(deployed))
+    # Hosts trust the new CAs only; their leaves chain to them.
+    new_ca, new_peer_ca = (
+        pki.load_certs(state_pki / "ca.crt"),
+        pki.load_certs(state_pki / "peer-ca.crt"),
+    )
+    assert len(new_ca) == len(new_peer_ca) == 1
+    assert new_ca[0].subject != pki.load_cert(old / "ca.crt").subject
+    for host in deployed.hosts:
+        assert _host_certs(host, "/etc/etcd/pki/ca.crt") == new_ca
+        assert _host_certs(host, "/etc/etcd/pki/peer-ca.crt") == new_peer_ca
+        assert chains_to(_host_certs(host, "/etc/etcd/pki/server.crt")[0], new_ca)
+        assert chains_to(_host_certs(host, "/etc/etcd/pki/peer.crt")[0], new_peer_ca)
+    assert deployed.cli("certs", "check").code == 0
+    # The old admin certificate is refused; the new one works.
+    url = f"{endpoint(deployed.hosts[0])}/v3/kv/range"
+
+    def admin_context(files: Path) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(state_pki / "ca.crt"))
+        context.check_hostname = False
+        context.load_cert_chain(str(files / "admin.crt"), str(files / "admin.key"))
+        return context
+
+    assert httpx.post(url, json={"key": "YQ=="}, verify=admin_context(state_pki)).status_code == 200
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(url, json={"key": "YQ=="}, verify=admin_context(old), timeout=5)
 
 
 def test_members_running_other_settings_restart_one_at_a_time(deployed: Deployed) -> None:

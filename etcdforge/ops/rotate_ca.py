@@ -10,6 +10,12 @@ start-up, so the rotation runs in three phases, each safe with members in either
 Progress lives in `<state>/pki/rotation/` (the new CAs, the old trust, the phase reached) and in
 the files themselves, so an interrupted rotation resumes where it stopped when rerun. An imported
 single-CA PKI comes out with two CAs, like etcdforge's own.
+
+On hosts the phases change the admin machine's copies the same way, and each phase ends with
+`apply`'s convergence: it uploads the files atomically and, because the unit's fingerprint covers
+the CA certificates, restarts members one at a time, followers first, each only while the
+cluster is healthy (phases 1 and 3); new leaves alone restart nothing (phase 2). Restarts are
+decided from the running processes, so a rerun after a kill finishes a half-rolled phase.
 """
 
 from __future__ import annotations
@@ -22,13 +28,13 @@ from pathlib import Path
 from cryptography import x509
 
 from etcdforge import pki
-from etcdforge.errors import PKIError, ServiceError, UnsafeOperationError
+from etcdforge.errors import PKIError, ServiceError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, remove_tree
 from etcdforge.layout import MemberLayout, StateLayout
 from etcdforge.names import KeyAlgorithm
 from etcdforge.ops.certs import bundle_ids, chains_to, fingerprint, swap_pair, write_bundle
 from etcdforge.ops.plan import Progress, Step, execute
-from etcdforge.ops.renew import Leaf, cluster_leaves, renew_step
+from etcdforge.ops.renew import Leaf, cluster_leaves, renew_step, wait_served
 from etcdforge.ops.rolling import loaded, restart_member, start_member
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.ops.up import HEALTH_TIMEOUT, wait_healthy
@@ -137,10 +143,21 @@ def _safe(check: Callable[[], bool]) -> Callable[[], bool]:
     return wrapped
 
 
+#: Converge the hosts to the admin machine's files; returns the members it restarted.
+Converge = Callable[[], list[str]]
+
+
 def rotation_steps(
-    record: ClusterRecord, restarted: list[str], timeout: float = HEALTH_TIMEOUT
+    record: ClusterRecord,
+    restarted: list[str],
+    timeout: float = HEALTH_TIMEOUT,
+    converge: Converge | None = None,
 ) -> list[tuple[int, Step]]:
-    """Every step tagged with its phase (0 = preparation)."""
+    """Every step tagged with its phase (0 = preparation).
+
+    With `converge` (a host cluster) the member steps write only the admin machine's copies,
+    and each phase ends by converging the hosts.
+    """
     layout = record.layout
     work = rotation_dir(layout)
     pki_spec = record.spec.get("pki", {})
@@ -234,26 +251,38 @@ def rotation_steps(
 
         return Step(title, _safe(lambda: later(phase) or correct()), run)
 
+    def on_hosts(phase: int, title: str, check_served: bool = False) -> tuple[int, Step]:
+        """`apply`'s convergence, done once the next phase began (so a rerun redoes it)."""
+        assert converge is not None
+
+        def run() -> None:
+            restarted.extend(converge())
+            if check_served:
+                _confirm_served(record)
+
+        return (phase, Step(title, lambda: later(phase), run))
+
+    where = "files of" if converge else "on"
+    restart = "" if converge else " (restart)"
+
     # --- phase 1: trust old and new ---------------------------------------------------------
     steps.append(begin(1))
     for plane in all_planes:
         title = f"trust the old and new {plane.label} CAs in the state directory"
         steps.append(state_trust(1, plane, title, _trust_with_new))
     for name in members:
-        steps.append(
-            (
-                1,
-                member_trust_step(
-                    1, name, f"trust the old and new CAs on {name} (restart)", _trust_with_new
-                ),
-            )
-        )
+        title = f"trust the old and new CAs {where} {name}{restart}"
+        steps.append((1, member_trust_step(1, name, title, _trust_with_new)))
+    if converge:
+        steps.append(on_hosts(1, "install both CAs on the hosts, restarting one at a time"))
 
     # --- phase 2: sign with the new CAs, reissue every leaf ----------------------------------
     steps.append(begin(2))
     steps += [switch_signer(plane) for plane in all_planes]
     by_bundle = {p.bundle: p for p in all_planes}
     steps += [reissue_leaf(leaf, by_bundle[leaf.ca_cert]) for leaf in cluster_leaves(record)]
+    if converge:
+        steps.append(on_hosts(2, "install the new certificates on the hosts (no restart)", True))
 
     # --- phase 3: drop the old CAs ----------------------------------------------------------
     steps.append(begin(3))
@@ -261,18 +290,42 @@ def rotation_steps(
         title = f"stop trusting the old {plane.label} CA in the state directory"
         steps.append(state_trust(3, plane, title, _only_new))
     for name in members:
+        title = f"stop trusting the old CAs {where} {name}{restart}"
+        steps.append((3, member_trust_step(3, name, title, _only_new)))
+    if converge:
         steps.append(
-            (
-                3,
-                member_trust_step(
-                    3, name, f"stop trusting the old CAs on {name} (restart)", _only_new
-                ),
-            )
+            on_hosts(3, "install the new CAs alone on the hosts, restarting one at a time")
         )
     steps.append(
         (3, Step("retire the old CAs", lambda: not work.exists(), lambda: remove_tree(work)))
     )
     return steps
+
+
+def _confirm_served(record: ClusterRecord) -> None:
+    """Every member presents its reissued certificates (etcd reads them on each handshake)."""
+    for leaf in cluster_leaves(record):
+        if leaf.member and not wait_served(leaf, pki.load_cert(leaf.cert).serial_number):
+            port = leaf.serve[1] if leaf.serve else "?"
+            raise ServiceError(
+                f"member {leaf.member} still serves an old certificate on port {port} after "
+                f"`apply` installed it; check that etcd can read it, then rerun rotate-ca"
+            )
+
+
+def _host_converge(selection: Selection, progress: Progress | None, timeout: float) -> Converge:
+    """`apply` itself (preflight, files, rolling restarts, health), run once per phase."""
+    from etcdforge.ops.apply import apply
+
+    def show(host: str, message: str) -> None:
+        if progress:
+            progress(f"{host}: {message}")
+
+    def run() -> list[str]:
+        result = apply(selection, progress=show, timeout=timeout, allow_even=True)
+        return [h.member for h in result.hosts if (h.service or "").startswith("restart")]
+
+    return run
 
 
 def _require_live(record: ClusterRecord, timeout: float) -> None:
@@ -303,16 +356,16 @@ def rotate_ca(
     timeout: float = HEALTH_TIMEOUT,
 ) -> RotateResult:
     record = record_for(selection)
+    converge: Converge | None = None
     if record.on_hosts:
-        # The rolling restarts here drive local members; doing them to hosts needs systemd.
-        raise UnsafeOperationError(
-            f"cluster {record.name} runs on hosts: rotate-ca restarts local members only and "
-            "would change nothing on them; rotate host clusters by hand for now (see README)"
-        )
-    if not dry_run:
+        from etcdforge.ops.apply import load_host_spec
+
+        load_host_spec(selection, allow_even=True)  # needs -f, like apply
+        converge = _host_converge(selection, progress, timeout)
+    elif not dry_run:
         _require_live(record, timeout)
     restarted: list[str] = []
-    tagged = rotation_steps(record, restarted, timeout)
+    tagged = rotation_steps(record, restarted, timeout, converge)
     if stop_after is not None:
         last = PHASES.index(stop_after) + 1
         tagged = [(phase, step) for phase, step in tagged if phase <= last]
