@@ -11,6 +11,8 @@ import re
 from enum import StrEnum
 
 HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+#: Cluster and member names become file and directory names.
+SAFE_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 
 class KeyAlgorithm(StrEnum):

@@ -23,12 +23,12 @@ from pydantic import (
 
 from etcdforge.errors import SpecError
 from etcdforge.names import HOSTNAME_LABEL as HOSTNAME_LABEL
+from etcdforge.names import SAFE_NAME as SAFE_NAME
 from etcdforge.names import KeyAlgorithm as KeyAlgorithm
 from etcdforge.names import is_hostname as is_hostname
 from etcdforge.names import is_ip as is_ip
 from etcdforge.names import is_loopback as is_loopback
 
-SAFE_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 MAX_MEMBERS = 7
 DEFAULT_MEMBER_COUNTS = (1, 3, 5, 7)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from etcdforge.errors import SpecError
 from etcdforge.layout import StateLayout, resolve_state_dir
@@ -67,10 +67,45 @@ def spec_for_up(
 
 def record_for(selection: Selection) -> ClusterRecord:
     """The deployed cluster a read-only or teardown command acts on."""
-    spec = None
-    if selection.file is not None:
+    if selection.file is None:
+        name = selection.cluster or DEFAULT_CLUSTER
+        return require_record(state_dir_for(selection), name)
+    identity = spec_identity(selection.file)
+    if identity is None:  # let the full validation name the mistake
         from etcdforge.spec import load_spec
 
         spec = load_spec(selection.file, allow_even=True)
-    name = spec.name if spec is not None else (selection.cluster or DEFAULT_CLUSTER)
-    return require_record(state_dir_for(selection, spec), name)
+        return require_record(state_dir_for(selection, spec), spec.name)
+    name, state_dir = identity
+    explicit = selection.state_dir.absolute() if selection.state_dir is not None else state_dir
+    return require_record(explicit or resolve_state_dir(name), name)
+
+
+def spec_identity(path: Path) -> tuple[str, Path | None] | None:
+    """A spec's name and state dir from the YAML alone, or None if anything looks off.
+
+    That is all a command needs to find the deployed record, which holds the spec validated at
+    deploy time; skipping pydantic here keeps `status -f` and `env -f` quick.
+    """
+    import yaml
+
+    from etcdforge.names import SAFE_NAME
+
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader(yaml))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    name, state_dir = data.get("name", DEFAULT_CLUSTER), data.get("state_dir")
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        return None
+    if state_dir is None:
+        return name, None
+    if not isinstance(state_dir, str):
+        return None
+    return name, (path.parent / state_dir).resolve()
+
+
+def _yaml_loader(yaml: Any) -> Any:
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
