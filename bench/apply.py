@@ -11,6 +11,7 @@ Run: .venv/bin/python bench/apply.py
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
@@ -46,22 +47,30 @@ def cli(*args: str, env: dict[str, str]) -> float:
     return took
 
 
-def measure(hosts: list[Host], url: str, work: Path) -> tuple[float, float]:
+def measure(
+    hosts: list[Host], url: str, work: Path, run: int, noop_runs: int
+) -> tuple[float, float]:
+    """One apply from nothing (cold release cache: a real download), then no-op applies."""
+    tag = f"{len(hosts)}-{run}"
     data = host_spec(
         f"bench{len(hosts)}", hosts, url, etcd={"allow_unsafe_version": True},
-        state_dir=str(work / f"state{len(hosts)}"),
+        state_dir=str(work / f"state{tag}"),
     )  # fmt: skip
-    spec = write_yaml(work / f"cluster{len(hosts)}.yaml", data)
-    env = {"ETCDFORGE_CACHE_DIR": str(work / f"cache{len(hosts)}")}  # cold cache: real download
+    spec = write_yaml(work / f"cluster{tag}.yaml", data)
+    env = {"ETCDFORGE_CACHE_DIR": str(work / f"cache{tag}")}
     try:
         first = cli("apply", "-f", str(spec), env=env)
-        noop = statistics.median(cli("apply", "-f", str(spec), env=env) for _ in range(3))
+        noops = [cli("apply", "-f", str(spec), env=env) for _ in range(noop_runs)]
     finally:
         cli("reset", "-f", str(spec), "--purge-data", "--yes", env=env)
-    return first, noop
+    return first, statistics.median(noops) if noops else float("nan")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="apply on 3 vs 5 real hosts")
+    parser.add_argument("--runs", type=int, default=3, help="from-nothing applies per size")
+    args = parser.parse_args()
+    threes, fives, noop3, noop5 = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="etcdforge-bench-") as tmp:
         work = Path(tmp)
         tarball = build_tarball(work, VERSION, release_sources()[VERSION])
@@ -69,12 +78,22 @@ def main() -> None:
         with serve(work / "www") as server, Fleet(user="deploy") as fleet:
             hosts = fleet.start(5)
             url = server.url(VERSION)
-            three, noop3 = measure(hosts[:3], url, work)
-            five, noop5 = measure(hosts, url, work)
-    print(f"apply, nothing -> healthy, 3 hosts: {three:6.2f} s")
-    print(f"apply, nothing -> healthy, 5 hosts: {five:6.2f} s   ratio 5/3: {five / three:.2f}")
-    print(f"no-op apply, 3 hosts (median of 3): {noop3:6.2f} s")
-    print(f"no-op apply, 5 hosts (median of 3): {noop5:6.2f} s")
+            for run in range(args.runs):  # interleaved, so drift in machine load hits both sizes
+                first, noop = measure(hosts[:3], url, work, run, 3 if run == 0 else 0)
+                threes.append(first)
+                noop3 += [noop] if run == 0 else []
+                first, noop = measure(hosts, url, work, run, 3 if run == 0 else 0)
+                fives.append(first)
+                noop5 += [noop] if run == 0 else []
+    ratios = [f / t for f, t in zip(fives, threes, strict=True)]
+    three, five = statistics.median(threes), statistics.median(fives)
+    print(f"apply, nothing -> healthy, {args.runs} runs each (medians)")
+    print(f"  3 hosts: {three:6.2f} s   ({', '.join(f'{t:.2f}' for t in threes)})")
+    print(f"  5 hosts: {five:6.2f} s   ({', '.join(f'{t:.2f}' for t in fives)})")
+    print(
+        f"  ratio 5/3: {five / three:.2f} (median of per-run ratios {statistics.median(ratios):.2f})"
+    )
+    print(f"no-op apply (median of 3): 3 hosts {noop3[0]:.2f} s, 5 hosts {noop5[0]:.2f} s")
 
 
 if __name__ == "__main__":
