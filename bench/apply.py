@@ -90,9 +90,8 @@ def main() -> None:
     print(f"apply, nothing -> healthy, {args.runs} runs each (medians)")
     print(f"  3 hosts: {three:6.2f} s   ({', '.join(f'{t:.2f}' for t in threes)})")
     print(f"  5 hosts: {five:6.2f} s   ({', '.join(f'{t:.2f}' for t in fives)})")
-    print(
-        f"  ratio 5/3: {five / three:.2f} (median of per-run ratios {statistics.median(ratios):.2f})"
-    )
+    paired = statistics.median(ratios)
+    print(f"  ratio 5/3: {five / three:.2f} (median of per-run ratios {paired:.2f})")
     print(f"no-op apply (median of 3): 3 hosts {noop3[0]:.2f} s, 5 hosts {noop5[0]:.2f} s")
 
 
