@@ -6,7 +6,6 @@ take it apart (kill the CLI midway, reset) run last, in file order.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from etcdforge import pki
 from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
 from tests.fleet import Host
 from tests.helpers import CLIResult, etcdctl_binary, run_cli
+from tests.load import WriteLoad
 
 pytestmark = pytest.mark.slow
 
@@ -217,58 +217,9 @@ def test_renewed_certificate_is_installed_by_apply_without_restart(deployed: Dep
     assert main_pids(deployed.hosts) == before  # etcd reads the new files on the next handshake
 
 
-class HostLoad:
-    """Puts from the admin machine with the admin certificate, bounded in count and time.
-
-    On a failure it re-reads the TLS files (they change during a rotation) and retries the same
-    key on the next endpoint, as a well-behaved client does.
-    """
-
-    def __init__(self, deployed: Deployed, prefix: str) -> None:
-        self.deployed, self.prefix = deployed, prefix
-        self.acked: list[str] = []
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> HostLoad:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-
-    def _client(self) -> httpx.Client:
-        files = self.deployed.state / "pki"
-        context = ssl.create_default_context(cafile=str(files / "ca.crt"))
-        context.check_hostname = False
-        context.load_cert_chain(str(files / "admin.crt"), str(files / "admin.key"))
-        return httpx.Client(verify=context, timeout=5.0)
-
-    def _run(self) -> None:
-        endpoints = [endpoint(h) for h in self.deployed.hosts]
-        deadline = time.monotonic() + 900
-        client = self._client()
-        index = attempt = 0
-        while not self.stop.is_set() and index < 20000 and time.monotonic() < deadline:
-            key = f"{self.prefix}/{index:06d}"
-            url = endpoints[(index + attempt) % len(endpoints)]
-            body = {"key": base64.b64encode(key.encode()).decode(), "value": "dg=="}
-            try:
-                response = client.post(f"{url}/v3/kv/put", json=body)
-                if response.status_code != 200 or "error" in response.json():
-                    raise RuntimeError(f"{response.status_code} {response.text}")
-            except Exception as exc:
-                self.failures.append(f"{key} via {url}: {exc.__class__.__name__}: {exc}")
-                attempt += 1
-                client.close()
-                client = self._client()
-                time.sleep(0.05)
-                continue
-            self.acked.append(key)
-            index += 1
-        client.close()
+def _admin_files(deployed: Deployed) -> tuple[Path, Path, Path]:
+    pki_dir = deployed.state / "pki"
+    return pki_dir / "ca.crt", pki_dir / "admin.crt", pki_dir / "admin.key"
 
 
 class ServiceWatch:
@@ -350,7 +301,12 @@ def test_rotate_ca_on_hosts_under_load_killed_midway_and_resumed(
     assert "  - install both CAs on the hosts, restarting one at a time" in dry.stdout
     assert not (state_pki / "rotation").exists()
     before = main_pids(deployed.hosts)
-    with ServiceWatch(deployed.hosts) as watch, HostLoad(deployed, "rotate") as load:
+    with (
+        ServiceWatch(deployed.hosts) as watch,
+        WriteLoad(
+            [endpoint(h) for h in deployed.hosts], _admin_files(deployed), "rotate", reload=True
+        ) as load,
+    ):
         output = _rotate_until(deployed, "restart etcd.service")
         assert "trust the old and new cluster CAs in the state directory" in output
         assert (state_pki / "rotation" / "phase").read_text().strip() == "1"

@@ -3,17 +3,13 @@ write load (interrupted and resumed), and a cluster started on a PKI issued by t
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,18 +31,10 @@ from tests.helpers import (
     spec_data,
     write_spec,
 )
+from tests.load import WriteLoad, tls_context
 from tests.test_cfssl import FIXTURES, run_cfssl
 
 pytestmark = pytest.mark.slow
-
-MAX_REQUESTS = 20_000
-MAX_SECONDS = 240.0
-
-
-def _context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(cert), str(key))
-    return context
 
 
 def _admin_files(cluster: LocalCluster) -> tuple[Path, Path, Path]:
@@ -58,75 +46,8 @@ def _endpoints(cluster: LocalCluster) -> list[str]:
     return [f"https://{m['address']}:2379" for m in cluster.data["members"]]
 
 
-def _put(client: httpx.Client, endpoint: str, key: str, value: str) -> None:
-    body = {
-        "key": base64.b64encode(key.encode()).decode(),
-        "value": base64.b64encode(value.encode()).decode(),
-    }
-    response = client.post(f"{endpoint}/v3/kv/put", json=body)
-    if response.status_code != 200 or "error" in response.json():
-        raise RuntimeError(f"{endpoint}: {response.status_code} {response.text}")
-
-
-@dataclass
-class Load:
-    """Writes in a thread until stopped (bounded in count and time).
-
-    `fresh_connections`: a new TLS handshake for every request, so renewed certificates are
-    exercised at once. `reload`: on a failure, re-read the TLS files and retry on the next
-    endpoint, as a well-behaved client does while its CA bundle is rotated.
-    """
-
-    cluster: LocalCluster
-    prefix: str
-    fresh_connections: bool = False
-    reload: bool = False
-    acked: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Load:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-
-    def _client(self) -> httpx.Client:
-        return httpx.Client(verify=_context(*_admin_files(self.cluster)), timeout=5.0)
-
-    def _run(self) -> None:
-        endpoints = _endpoints(self.cluster)
-        deadline = time.monotonic() + MAX_SECONDS
-        context = _context(*_admin_files(self.cluster))
-        client = self._client()
-        index = attempt = 0
-        while not self.stop.is_set() and index < MAX_REQUESTS and time.monotonic() < deadline:
-            key = f"{self.prefix}/{index:06d}"
-            endpoint = endpoints[(index + attempt) % len(endpoints)]
-            try:
-                if self.fresh_connections:
-                    with httpx.Client(verify=context, timeout=5.0) as once:
-                        _put(once, endpoint, key, "v")
-                else:
-                    _put(client, endpoint, key, "v")
-            except Exception as exc:
-                self.failures.append(f"{key} via {endpoint}: {exc.__class__.__name__}: {exc}")
-                if not self.reload:
-                    index += 1
-                    continue
-                attempt += 1
-                client.close()
-                client = self._client()
-                time.sleep(0.02)
-                continue
-            self.acked.append(key)
-            index += 1
-        client.close()
+def _load(cluster: LocalCluster, prefix: str, **options: bool) -> WriteLoad:
+    return WriteLoad(_endpoints(cluster), _admin_files(cluster), prefix, **options)
 
 
 def certs(cluster: LocalCluster, command: str, *args: str, timeout: float = 300) -> CLIResult:
@@ -161,7 +82,7 @@ def test_renew_under_load_serves_new_serial_with_zero_failed_requests(
     peer_tls = TLSFiles(
         member_pki / "peer-ca.crt", member_pki / "peer.crt", member_pki / "peer.key"
     )
-    with Load(cluster, "renew", fresh_connections=True) as load:
+    with _load(cluster, "renew", fresh_connections=True) as load:
         time.sleep(0.3)
         before = served_serial(address, 2379, admin)
         key_before = (member_pki / "server.key").read_bytes()
@@ -251,7 +172,7 @@ def test_rotate_ca_under_write_load_interrupted_and_resumed(
     for name in ("ca.crt", "admin.crt", "admin.key", "peer-ca.crt"):
         shutil.copy(state_pki / name, old / name)
     pids = sorted(etcd_pids_under(cluster.state_dir))
-    with Load(cluster, "rot", reload=True) as load:
+    with _load(cluster, "rot", reload=True) as load:
         time.sleep(0.3)
         output = _rotate_until(cluster, "reissue the server certificate m2/server")
         assert "trust the old and new CAs on m3 (restart)" in output
@@ -286,26 +207,26 @@ def test_rotate_ca_under_write_load_interrupted_and_resumed(
         assert pki.load_certs(files / "ca.crt") == new_ca
         assert len(pki.load_certs(files / "peer-ca.crt")) == 1
     endpoint = _endpoints(cluster)[0]
-    new_admin = _context(*_admin_files(cluster))
+    new_admin = tls_context(*_admin_files(cluster))
     assert (
         httpx.post(f"{endpoint}/v3/kv/range", json={"key": "YQ=="}, verify=new_admin).status_code
         == 200
     )
     # The old CA's client certificate is refused now.
-    old_admin = _context(state_pki / "ca.crt", old / "admin.crt", old / "admin.key")
+    old_admin = tls_context(state_pki / "ca.crt", old / "admin.crt", old / "admin.key")
     with pytest.raises(httpx.HTTPError):
         httpx.post(f"{endpoint}/v3/kv/range", json={"key": "YQ=="}, verify=old_admin, timeout=5)
     # And a client trusting only the old CA no longer trusts the servers.
-    only_old = _context(old / "ca.crt", state_pki / "admin.crt", state_pki / "admin.key")
+    only_old = tls_context(old / "ca.crt", state_pki / "admin.crt", state_pki / "admin.key")
     with pytest.raises(httpx.ConnectError):
         httpx.post(f"{endpoint}/v3/kv/range", json={"key": "YQ=="}, verify=only_old, timeout=5)
     # The peer port still takes peer certificates only.
     address, files = _member_files(cluster, 1)
-    peer_ok = _context(files / "peer-ca.crt", files / "peer.crt", files / "peer.key")
+    peer_ok = tls_context(files / "peer-ca.crt", files / "peer.crt", files / "peer.key")
     assert (
         httpx.get(f"https://{address}:2380/version", verify=peer_ok, timeout=5).status_code == 200
     )
-    admin_on_peer = _context(
+    admin_on_peer = tls_context(
         files / "peer-ca.crt", state_pki / "admin.crt", state_pki / "admin.key"
     )
     with pytest.raises(httpx.HTTPError):
@@ -389,10 +310,10 @@ def test_imported_single_ca_cluster_refuses_the_client_cert_on_the_peer_port(
 ) -> None:
     cluster, seed = imported
     address = cluster.data["members"][0]["address"]
-    peer = _context(seed / "ca.pem", seed / "peer.pem", seed / "peer-key.pem")
+    peer = tls_context(seed / "ca.pem", seed / "peer.pem", seed / "peer-key.pem")
     assert httpx.get(f"https://{address}:2380/version", verify=peer, timeout=5).status_code == 200
     # Same CA, so only the CN pin keeps the client certificate off the peer port.
-    client = _context(seed / "ca.pem", seed / "client.pem", seed / "client-key.pem")
+    client = tls_context(seed / "ca.pem", seed / "client.pem", seed / "client-key.pem")
     assert httpx.get(f"https://{address}:2379/version", verify=client, timeout=5).status_code == 200
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"https://{address}:2380/version", verify=client, timeout=5)
