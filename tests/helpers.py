@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,40 @@ class CLIResult:
     code: int
     stdout: str
     stderr: str
+
+
+def kill_cli_at(
+    args: list[str],
+    at_marker: Callable[[str], bool],
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> str:
+    """Run the CLI and SIGKILL its process group at the first stderr line `at_marker` accepts.
+
+    A real interruption for the "killed midway, rerun resumes" tests; returns the output seen.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etcdforge", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # bounded: the process ends, we kill it, or time runs out
+            seen.append(line)
+            if at_marker(line) or time.monotonic() > deadline:
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    return "".join(seen)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CLIResult:

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from cryptography import x509
 from etcdforge import pki
 from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
 from tests.fleet import Host
-from tests.helpers import CLIResult, etcdctl_binary, run_cli
+from tests.helpers import CLIResult, etcdctl_binary, kill_cli_at, run_cli
 from tests.load import WriteLoad
 
 pytestmark = pytest.mark.slow
@@ -259,27 +257,15 @@ class ServiceWatch:
 
 def _rotate_until(deployed: Deployed, marker: str) -> str:
     """Run `certs rotate-ca` and SIGKILL it once a progress line after phase 1 began has `marker`."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "etcdforge", "certs", "rotate-ca", "-f", str(deployed.spec)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **deployed.env}, start_new_session=True,
-    )  # fmt: skip
-    seen: list[str] = []
     began = False
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # bounded: the process ends, or we kill it at the marker
-            seen.append(line)
-            began = began or "begin phase 1" in line
-            if began and marker in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    return "".join(seen)
+
+    def at_marker(line: str) -> bool:
+        nonlocal began
+        began = began or "begin phase 1" in line
+        return began and marker in line
+
+    args = ["certs", "rotate-ca", "-f", str(deployed.spec)]
+    return kill_cli_at(args, at_marker, env=deployed.env)
 
 
 def _host_certs(host: Host, path: str) -> list[x509.Certificate]:
@@ -414,24 +400,11 @@ def test_cut_host_cluster_keeps_writing_then_member_catches_up(deployed: Deploye
 def test_kill_the_cli_midway_then_rerun_completes(deployed: Deployed) -> None:
     reset = deployed.cli("reset", "--purge-data", "--yes")
     assert reset.code == 0, reset.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "etcdforge", "apply", "-f", str(deployed.spec)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **deployed.env}, start_new_session=True,
-    )  # fmt: skip
-    seen = []
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # bounded: the process ends, or we kill it at the marker
-            seen.append(line)
-            if "write /etc/etcd/pki/server.key" in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    kill_cli_at(
+        ["apply", "-f", str(deployed.spec)],
+        lambda line: "write /etc/etcd/pki/server.key" in line,
+        env=deployed.env,
+    )
     units = [
         h.run("test", "-e", "/etc/systemd/system/etcd.service", check=False) for h in deployed.hosts
     ]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ from tests.helpers import (
     CLIResult,
     LocalCluster,
     etcd_pids_under,
+    kill_cli_at,
     require_binary,
     run_cli,
     spec_data,
@@ -142,24 +140,7 @@ def test_short_validity_is_flagged_then_renewed(cluster_factory: ClusterFactory)
 
 def _rotate_until(cluster: LocalCluster, marker: str) -> str:
     """Run rotate-ca and SIGKILL it as soon as it reports `marker` (a real interruption)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "etcdforge", "certs", "rotate-ca", *cluster.args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    seen = []
-    deadline = time.monotonic() + 180
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            seen.append(line)
-            if marker in line or time.monotonic() > deadline:
-                break
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    return "".join(seen)
+    return kill_cli_at(["certs", "rotate-ca", *cluster.args], lambda line: marker in line)
 
 
 def test_rotate_ca_under_write_load_interrupted_and_resumed(
