@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,72 @@ class MemberRecord:
 
 
 @dataclass(frozen=True)
+class DeployedMember:
+    """A member as the cluster was deployed: where it listens and how it is reached."""
+
+    name: str
+    address: str
+    client_port: int
+    peer_port: int
+    client_url: str
+    peer_url: str
+    ssh: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class DeployedPKI:
+    key_algorithm: str
+    ca_validity_days: int
+    cert_validity_days: int
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """The validated spec a cluster was deployed with, typed, without pydantic.
+
+    The record stores the whole spec as `model_dump` wrote it, every default filled in, so the
+    spec module stays the one owner of defaults: nothing here restates a port or a validity.
+    """
+
+    members: tuple[DeployedMember, ...]
+    pki: DeployedPKI
+    data_dir: Path | None
+    cert_dir: Path | None
+
+    @property
+    def on_hosts(self) -> bool:
+        return any(m.ssh for m in self.members)
+
+
+def _deployed(spec: dict[str, Any], records: tuple[MemberRecord, ...]) -> Deployed:
+    urls = {m.name: m for m in records}
+    members = []
+    for entry in spec["members"]:
+        record = urls[entry["name"]]
+        members.append(
+            DeployedMember(
+                name=entry["name"],
+                address=entry["address"],
+                client_port=int(entry["client_port"]),
+                peer_port=int(entry["peer_port"]),
+                client_url=record.client_url,
+                peer_url=record.peer_url,
+                ssh=entry.get("ssh"),
+            )
+        )
+    pki = spec["pki"]
+    data_root, pki_root = spec.get("data_dir"), spec.get("cert_dir")
+    return Deployed(
+        members=tuple(members),
+        pki=DeployedPKI(
+            str(pki["key_algorithm"]), int(pki["ca_validity_days"]), int(pki["cert_validity_days"])
+        ),
+        data_dir=Path(data_root) if data_root else None,
+        cert_dir=Path(pki_root) if pki_root else None,
+    )
+
+
+@dataclass(frozen=True)
 class ClusterRecord:
     name: str
     token: str
@@ -37,19 +104,26 @@ class ClusterRecord:
     spec: dict[str, Any]
     state_dir: str
 
+    @cached_property
+    def deployed(self) -> Deployed:
+        """The spec as typed fields; read once, so no caller re-parses the raw dict."""
+        return _deployed(self.spec, self.members)
+
     @property
     def layout(self) -> StateLayout:
-        data_root, pki_root = self.spec.get("data_dir"), self.spec.get("cert_dir")
-        return StateLayout(
-            Path(self.state_dir),
-            Path(data_root) if data_root else None,
-            Path(pki_root) if pki_root else None,
-        )
+        return StateLayout(Path(self.state_dir), self.deployed.data_dir, self.deployed.cert_dir)
 
     @property
     def on_hosts(self) -> bool:
         """Members run on real hosts (deployed by `apply`), not as local processes."""
-        return any(m.get("ssh") for m in self.spec.get("members", []))
+        return self.deployed.on_hosts
+
+    def member(self, name: str) -> MemberRecord:
+        for member in self.members:
+            if member.name == name:
+                return member
+        known = ", ".join(m.name for m in self.members)
+        raise StateError(f"no member named {name!r} in cluster {self.name} (members: {known})")
 
     @property
     def endpoints(self) -> list[str]:
@@ -95,8 +169,10 @@ def read_record(state_dir: Path) -> ClusterRecord | None:
     try:
         payload.pop("record_version", None)
         members = tuple(MemberRecord(**m) for m in payload.pop("members"))
-        return ClusterRecord(members=members, **payload)
-    except (KeyError, TypeError) as exc:
+        record = ClusterRecord(members=members, **payload)
+        record.deployed  # noqa: B018 -- a malformed spec section fails here, with the path
+        return record
+    except (KeyError, TypeError, ValueError) as exc:
         raise StateError(
             f"{path}: malformed cluster record ({exc}); remove it to start over"
         ) from None

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from etcdforge import pki
+from etcdforge.cluster_certs import cluster_certificates, required_hosts
 from etcdforge.errors import PKIError
-from etcdforge.names import is_loopback
 from etcdforge.ops.certs import DEFAULT_WARN_WITHIN, SEED_FILES, bundle_ids, chains_to, utcnow
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
@@ -184,13 +184,6 @@ def check_entry(entry: CertEntry, warn_within: dt.timedelta, now: dt.datetime) -
     )
 
 
-def member_cert_hosts(address: str, role: pki.Role) -> tuple[str, ...]:
-    """SANs a member cannot do without: its address, and 127.0.0.1 for loopback peers."""
-    if role is pki.Role.PEER and is_loopback(address) and address != "127.0.0.1":
-        return (address, "127.0.0.1")
-    return (address,)
-
-
 def _ca_entries(name: str, cert_path: Path, key_path: Path) -> list[CertEntry]:
     try:
         certs = pki.load_certs(cert_path)
@@ -216,32 +209,10 @@ def state_entries(record: ClusterRecord) -> list[CertEntry]:
     shared = bundle_ids(layout.ca_cert) == bundle_ids(layout.peer_ca_cert)
     if not shared:
         entries += _ca_entries("peer-ca", layout.peer_ca_cert, layout.peer_ca_key)
-    entries.append(
-        CertEntry("admin", pki.Role.CLIENT, layout.admin_cert, layout.admin_key, layout.ca_cert)
-    )
-    for member in record.spec.get("members", []):
-        name, address = member["name"], member["address"]
-        files = layout.member(name)
-        entries.append(
-            CertEntry(
-                f"{name}/server",
-                pki.Role.SERVER,
-                files.server_cert,
-                files.server_key,
-                layout.ca_cert,
-                member_cert_hosts(address, pki.Role.SERVER),
-            )
-        )
-        entries.append(
-            CertEntry(
-                f"{name}/peer",
-                pki.Role.PEER,
-                files.peer_cert,
-                files.peer_key,
-                layout.peer_ca_cert,
-                member_cert_hosts(address, pki.Role.PEER),
-            )
-        )
+    entries += [
+        CertEntry(c.name, c.role, c.cert, c.key, c.ca_cert, c.required_hosts)
+        for c in cluster_certificates(layout, record.deployed.members)
+    ]
     return entries
 
 
@@ -272,7 +243,7 @@ def seed_entries(directory: Path, addresses: Sequence[str] = ()) -> list[CertEnt
         role = _role_of(path)
         hosts: tuple[str, ...] = ()
         if role is not pki.Role.CLIENT:
-            hosts = tuple(h for a in addresses for h in member_cert_hosts(a, role))
+            hosts = tuple(h for a in addresses for h in required_hosts(a, role))
         key = path.with_name(path.name.removesuffix(".pem") + "-key.pem")
         entries.append(CertEntry(path.stem, role, path, key, ca_cert, tuple(dict.fromkeys(hosts))))
     return entries

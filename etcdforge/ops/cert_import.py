@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from etcdforge import pki
+from etcdforge.cluster_certs import required_hosts
 from etcdforge.errors import PKIError
 from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write
 from etcdforge.layout import StateLayout
-from etcdforge.ops.cert_check import CertEntry, check_entry, member_cert_hosts, seed_entries
+from etcdforge.ops.cert_check import CertEntry, check_entry, seed_entries
 from etcdforge.ops.certs import (
     IMPORT_MARKER,
     SEED_FILES,
@@ -163,7 +164,7 @@ def imported_verify_steps(spec: ClusterSpec, layout: StateLayout) -> list[Step]:
                 files.server_cert,
                 files.server_key,
                 files.trusted_ca,
-                member_cert_hosts(member.address, pki.Role.SERVER),
+                required_hosts(member.address, pki.Role.SERVER),
             ),
             CertEntry(
                 f"{member.name}/peer",
@@ -171,7 +172,7 @@ def imported_verify_steps(spec: ClusterSpec, layout: StateLayout) -> list[Step]:
                 files.peer_cert,
                 files.peer_key,
                 files.peer_trusted_ca,
-                member_cert_hosts(member.address, pki.Role.PEER),
+                required_hosts(member.address, pki.Role.PEER),
             ),
         ]
 

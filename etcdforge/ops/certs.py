@@ -25,15 +25,15 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from etcdforge import pki
+from etcdforge.cluster_certs import ClusterCertificate, admin_certificate, member_certificates
 from etcdforge.errors import PKIError
 from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write, ensure_dir, write_temp
-from etcdforge.layout import MemberLayout, StateLayout
+from etcdforge.layout import StateLayout
 from etcdforge.ops.plan import Step
 
 if TYPE_CHECKING:  # the spec pulls in pydantic; gencert and check never need it
     from etcdforge.spec import ClusterSpec, MemberSpec
 
-ADMIN_COMMON_NAME = "etcdforge-admin"
 DEFAULT_WARN_WITHIN = dt.timedelta(days=30)
 #: Marker written by `up --pki-dir`: the PKI is the user's, so `up` verifies it and never reissues.
 IMPORT_MARKER = "imported.json"
@@ -171,27 +171,20 @@ def _leaf_ok(cert_path: Path, key_path: Path, ca_path: Path, hosts: list[str]) -
     return chains_to(cert, cas) and set(hosts) <= set(info.sans) and info.remaining().days > 0
 
 
-def _leaf_step(
-    spec: ClusterSpec,
-    title: str,
-    role: pki.Role,
-    ca: tuple[Path, Path],
-    out: tuple[Path, Path],
-    common_name: str,
-    hosts: list[str],
-) -> Step:
-    ca_cert_path, ca_key_path = ca
-    cert_path, key_path = out
+def leaf_step(spec: ClusterSpec, leaf: ClusterCertificate) -> Step:
+    """Issue one certificate of the cluster's set, unless a valid one is in place."""
+    hosts = list(leaf.issue_hosts)
 
     def run() -> None:
-        ca_cert, ca_key = signing_ca(ca_cert_path, ca_key_path)
+        ca_cert, ca_key = signing_ca(leaf.ca_cert, leaf.ca_key)
         key = pki.generate_key(spec.pki.key_algorithm)
+        validity = day_span(spec.pki.cert_validity_days)
         cert = pki.issue_role_cert(
-            role, ca_cert, ca_key, common_name, key, day_span(spec.pki.cert_validity_days), hosts
+            leaf.role, ca_cert, ca_key, leaf.common_name, key, validity, hosts
         )
-        swap_pair(cert_path, key_path, cert, key)
+        swap_pair(leaf.cert, leaf.key, cert, key)
 
-    return Step(title, lambda: _leaf_ok(cert_path, key_path, ca_cert_path, hosts), run)
+    return Step(leaf.title, lambda: _leaf_ok(leaf.cert, leaf.key, leaf.ca_cert, hosts), run)
 
 
 def copy_step(title: str, source: Path, target: Path, mode: int = PUBLIC_FILE) -> Step:
@@ -208,29 +201,11 @@ def copy_step(title: str, source: Path, target: Path, mode: int = PUBLIC_FILE) -
     return Step(title, done, run)
 
 
-def member_pki_steps(
-    spec: ClusterSpec, layout: StateLayout, member: MemberSpec, files: MemberLayout
-) -> list[Step]:
-    hosts = pki.member_hosts(member.name, member.address)
+def member_pki_steps(spec: ClusterSpec, layout: StateLayout, member: MemberSpec) -> list[Step]:
+    files = layout.member(member.name)
+    steps = [leaf_step(spec, leaf) for leaf in member_certificates(layout, member)]
     return [
-        _leaf_step(
-            spec,
-            f"issue server certificate for {member.name}",
-            pki.Role.SERVER,
-            (layout.ca_cert, layout.ca_key),
-            (files.server_cert, files.server_key),
-            member.name,
-            hosts,
-        ),
-        _leaf_step(
-            spec,
-            f"issue peer certificate for {member.name}",
-            pki.Role.PEER,
-            (layout.peer_ca_cert, layout.peer_ca_key),
-            (files.peer_cert, files.peer_key),
-            member.name,
-            hosts,
-        ),
+        *steps,
         copy_step(f"install CA certificate for {member.name}", layout.ca_cert, files.trusted_ca),
         copy_step(
             f"install peer CA certificate for {member.name}",
@@ -252,18 +227,10 @@ def cluster_pki_steps(spec: ClusterSpec, layout: StateLayout) -> list[Step]:
             layout.peer_ca_key,
             f"{spec.name}-etcd-peer-ca",
         ),
-        _leaf_step(
-            spec,
-            "issue the admin client certificate",
-            pki.Role.CLIENT,
-            (layout.ca_cert, layout.ca_key),
-            (layout.admin_cert, layout.admin_key),
-            ADMIN_COMMON_NAME,
-            [],
-        ),
+        leaf_step(spec, admin_certificate(layout)),
     ]
     for member in spec.members:
-        steps += member_pki_steps(spec, layout, member, layout.member(member.name))
+        steps += member_pki_steps(spec, layout, member)
     return steps
 
 

@@ -21,7 +21,7 @@ class DownResult:
 
 def down(selection: Selection, purge: bool = False, progress: Progress | None = None) -> DownResult:
     record = record_for(selection)
-    if any(m.get("ssh") for m in record.spec.get("members", [])):
+    if record.on_hosts:
         raise StateError(
             f"cluster {record.name} runs on hosts; use `etcdforge reset -f FILE` to stop it"
         )

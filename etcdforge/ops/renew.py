@@ -14,8 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from etcdforge import pki
+from etcdforge.cluster_certs import cluster_certificates
 from etcdforge.errors import PKIError, ServiceError
-from etcdforge.ops.cert_check import check_entry, member_cert_hosts, state_entries
+from etcdforge.ops.cert_check import check_entry, state_entries
 from etcdforge.ops.certs import (
     DEFAULT_WARN_WITHIN,
     SERVE_CHECK_TIMEOUT,
@@ -55,47 +56,28 @@ class Leaf:
 
 def cluster_leaves(record: ClusterRecord) -> list[Leaf]:
     layout = record.layout
-    leaves = [
-        Leaf(
-            "admin",
-            pki.Role.CLIENT,
-            layout.admin_cert,
-            layout.admin_key,
-            layout.ca_cert,
-            layout.ca_key,
-            (),
-        )
-    ]
-    for member in record.spec.get("members", []):
-        name, address = member["name"], member["address"]
-        files = layout.member(name)
-        client_port = int(member.get("client_port", 2379))
-        peer_port = int(member.get("peer_port", 2380))
-        peer_tls = TLSFiles(files.peer_trusted_ca, files.peer_cert, files.peer_key)
-        leaves.append(
-            Leaf(
-                f"{name}/server",
-                pki.Role.SERVER,
-                files.server_cert,
-                files.server_key,
-                layout.ca_cert,
-                layout.ca_key,
-                member_cert_hosts(address, pki.Role.SERVER),
-                name,
-                (address, client_port, record.admin_tls),
+    leaves = []
+    for cert in cluster_certificates(layout, record.deployed.members):
+        serve = None
+        if cert.member is not None and cert.address is not None and cert.port is not None:
+            files = layout.member(cert.member)
+            tls = (
+                record.admin_tls
+                if cert.role is pki.Role.SERVER
+                else TLSFiles(files.peer_trusted_ca, files.peer_cert, files.peer_key)
             )
-        )
+            serve = (cert.address, cert.port, tls)
         leaves.append(
             Leaf(
-                f"{name}/peer",
-                pki.Role.PEER,
-                files.peer_cert,
-                files.peer_key,
-                layout.peer_ca_cert,
-                layout.peer_ca_key,
-                member_cert_hosts(address, pki.Role.PEER),
-                name,
-                (address, peer_port, peer_tls),
+                cert.name,
+                cert.role,
+                cert.cert,
+                cert.key,
+                cert.ca_cert,
+                cert.ca_key,
+                cert.required_hosts,
+                cert.member,
+                serve,
             )
         )
     return leaves
@@ -238,7 +220,7 @@ def renew(
     record = record_for(selection)
     leaves = cluster_leaves(record)
     if member is not None:
-        names = [m["name"] for m in record.spec.get("members", [])]
+        names = [m.name for m in record.members]
         if member not in names:
             raise PKIError(
                 f"no member named {member!r} in cluster {record.name} (members: {', '.join(names)})"
@@ -251,7 +233,7 @@ def renew(
             for row in (check_entry(e, warn_within, now) for e in state_entries(record))
         }
         leaves = [leaf for leaf in leaves if leaf.name in rows and not rows[leaf.name].ok]
-    validity = day_span(days or int(record.spec.get("pki", {}).get("cert_validity_days", 365)))
+    validity = day_span(days or record.deployed.pki.cert_validity_days)
     steps = [renew_step(record, leaf, validity, new_key) for leaf in leaves]
     result: PlanResult = execute(steps, progress, dry_run)
     return RenewResult(record.name, result.changed, result.pending, len(leaves), record.on_hosts)

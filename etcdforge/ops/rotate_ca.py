@@ -160,10 +160,10 @@ def rotation_steps(
     """
     layout = record.layout
     work = rotation_dir(layout)
-    pki_spec = record.spec.get("pki", {})
-    algorithm = KeyAlgorithm(pki_spec.get("key_algorithm", KeyAlgorithm.ECDSA_P256.value))
-    ca_validity = dt.timedelta(days=int(pki_spec.get("ca_validity_days", 3650)))
-    leaf_validity = dt.timedelta(days=int(pki_spec.get("cert_validity_days", 365)))
+    pki_spec = record.deployed.pki
+    algorithm = KeyAlgorithm(pki_spec.key_algorithm)
+    ca_validity = dt.timedelta(days=pki_spec.ca_validity_days)
+    leaf_validity = dt.timedelta(days=pki_spec.cert_validity_days)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M")
     all_planes = planes(record, stamp)
     members = [m.name for m in record.members]
