@@ -33,6 +33,32 @@ def resolve_state_dir(cluster: str, explicit: Path | None = None) -> Path:
 
 
 @dataclass(frozen=True)
+class MemberFiles:
+    """Where a member finds its data and TLS files, on whatever machine it runs."""
+
+    data_dir: Path
+    server_cert: Path
+    server_key: Path
+    peer_cert: Path
+    peer_key: Path
+    trusted_ca: Path
+    peer_trusted_ca: Path
+
+    @classmethod
+    def in_dirs(cls, pki_dir: Path, data_dir: Path) -> MemberFiles:
+        """The same file names everywhere: the local state dir and every host use this layout."""
+        return cls(
+            data_dir=data_dir,
+            server_cert=pki_dir / "server.crt",
+            server_key=pki_dir / "server.key",
+            peer_cert=pki_dir / "peer.crt",
+            peer_key=pki_dir / "peer.key",
+            trusted_ca=pki_dir / "ca.crt",
+            peer_trusted_ca=pki_dir / "peer-ca.crt",
+        )
+
+
+@dataclass(frozen=True)
 class MemberLayout:
     root: Path
     data_dir: Path
@@ -42,28 +68,32 @@ class MemberLayout:
         return self.root / "pki"
 
     @property
+    def files(self) -> MemberFiles:
+        return MemberFiles.in_dirs(self.pki_dir, self.data_dir)
+
+    @property
     def server_cert(self) -> Path:
-        return self.pki_dir / "server.crt"
+        return self.files.server_cert
 
     @property
     def server_key(self) -> Path:
-        return self.pki_dir / "server.key"
+        return self.files.server_key
 
     @property
     def peer_cert(self) -> Path:
-        return self.pki_dir / "peer.crt"
+        return self.files.peer_cert
 
     @property
     def peer_key(self) -> Path:
-        return self.pki_dir / "peer.key"
+        return self.files.peer_key
 
     @property
     def trusted_ca(self) -> Path:
-        return self.pki_dir / "ca.crt"
+        return self.files.trusted_ca
 
     @property
     def peer_trusted_ca(self) -> Path:
-        return self.pki_dir / "peer-ca.crt"
+        return self.files.peer_trusted_ca
 
     @property
     def flags_file(self) -> Path:

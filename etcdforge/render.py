@@ -9,25 +9,10 @@ config file silently disables all flags and environment variables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
+from etcdforge.layout import MemberFiles as MemberFiles
 from etcdforge.spec import ClusterSpec, MemberSpec
 
 Settings = dict[str, str]
-
-
-@dataclass(frozen=True)
-class MemberFiles:
-    """Where a member finds its data and TLS files, on whatever machine it runs."""
-
-    data_dir: Path
-    server_cert: Path
-    server_key: Path
-    peer_cert: Path
-    peer_key: Path
-    trusted_ca: Path
-    peer_trusted_ca: Path
 
 
 def etcd_settings(

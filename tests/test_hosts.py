@@ -12,9 +12,10 @@ import pytest
 from etcdforge import render
 from etcdforge.errors import HostError, SpecError
 from etcdforge.hosts import LocalHost, fan_out
-from etcdforge.ops.apply import member_files
+from etcdforge.ops.desired import host_member_files as member_files
 from etcdforge.ops.preflight import parse_listeners
 from etcdforge.services import systemd
+from etcdforge.services.runtime import START, ActionKind, RunningMember, ServiceAction
 from etcdforge.spec import HostPathsSpec, parse_spec
 
 
@@ -136,18 +137,37 @@ def test_restart_reasons_come_from_the_live_process() -> None:
     env = "# c\nETCD_NAME=e1\nETCD_DATA_DIR=/var/lib/etcd\n"
     unit = systemd.render_unit(HostPathsSpec(), "p", "e1")
     version_dir = PurePosixPath("/opt/etcd/v3.5.1")
-    live = {"ETCD_NAME": "e1", "ETCD_DATA_DIR": "/var/lib/etcd", "PATH": "/usr/bin"}
-    live[systemd.FINGERPRINT_VAR] = systemd.unit_fingerprint(unit) or ""
-    same = systemd.Running(1, live, "/opt/etcd/v3.5.1/etcd")
-    assert systemd.restart_reasons(same, env, unit, version_dir) == []
-    stale = systemd.Running(1, {**live, "ETCD_HEARTBEAT_INTERVAL": "100"}, same.exe)
-    assert systemd.restart_reasons(stale, env, unit, version_dir) == [
-        "settings ETCD_HEARTBEAT_INTERVAL"
-    ]
-    old = systemd.Running(1, live, "/opt/etcd/v3.4.23/etcd")
-    assert systemd.restart_reasons(old, env, unit, version_dir) == [
-        "binary /opt/etcd/v3.4.23/etcd -> /opt/etcd/v3.5.1/etcd"
-    ]
+    live = {"ETCD_NAME": "e1", "ETCD_DATA_DIR": "/var/lib/etcd"}
+    fingerprint = systemd.unit_fingerprint(unit)
+    same = RunningMember(1, live, "/opt/etcd/v3.5.1/etcd", fingerprint)
+    assert systemd.service_action(same, env, unit, version_dir) is None
+    stale = RunningMember(1, {**live, "ETCD_HEARTBEAT_INTERVAL": "100"}, same.binary, fingerprint)
+    action = systemd.service_action(stale, env, unit, version_dir)
+    assert action == ServiceAction(ActionKind.RESTART, ("settings ETCD_HEARTBEAT_INTERVAL",))
+    assert str(action) == "restart (settings ETCD_HEARTBEAT_INTERVAL)"
+    old = RunningMember(1, live, "/opt/etcd/v3.4.23/etcd", fingerprint)
+    assert systemd.service_action(old, env, unit, version_dir) == ServiceAction(
+        ActionKind.RESTART, ("binary /opt/etcd/v3.4.23/etcd -> /opt/etcd/v3.5.1/etcd",)
+    )
+    other_unit = RunningMember(1, live, same.binary, "0" * 16)
+    assert systemd.service_action(other_unit, env, unit, version_dir) == ServiceAction(
+        ActionKind.RESTART, ("unit or CA certificates",)
+    )
+    assert systemd.service_action(None, env, unit, version_dir) == START
+
+
+def test_unit_state_from_systemctl_show() -> None:
+    text = (
+        "ActiveState=activating\nSubState=auto-restart\nUnitFileState=enabled\nMainPID=0\n"
+        "FragmentPath=/etc/systemd/system/etcd.service\nNeedDaemonReload=no\nInvocationID=ab12\n"
+    )
+    state = systemd.parse_show(text)
+    assert (state.active, state.sub, state.invocation) == ("activating", "auto-restart", "ab12")
+    assert state.crashed and not state.running and not state.in_transition
+    stopping = systemd.parse_show("ActiveState=deactivating\nSubState=stop-sigterm\nMainPID=7")
+    assert stopping.in_transition and not stopping.crashed
+    prefixed = systemd.parse_show("unit_ActiveState=active\nunit_MainPID=9\n", prefix="unit_")
+    assert prefixed.running and prefixed.main_pid == 9
 
 
 def test_listeners_from_ss() -> None:

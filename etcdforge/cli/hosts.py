@@ -111,7 +111,7 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float) -> None:
         click.echo(f"{summary}: all healthy")
         for host in result.hosts:
             done = f"{len(host.changes)} change(s)" if host.changes else "no file change"
-            service = f", {host.service.split(' ', 1)[0]}ed" if host.service else ""
+            service = f", {host.service.past}" if host.service else ""
             click.echo(f"  {host.label}: {done}{service}")
     click.echo(f"state: {result.state_dir}   next: etcdforge status -f FILE; etcdforge env -f FILE")
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 from etcdforge.errors import StateError
 from etcdforge.fsutil import remove_tree
 from etcdforge.ops.plan import Progress
+from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.target import Selection, record_for
-from etcdforge.services import local
+from etcdforge.services.local import LocalRuntime
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,14 @@ def down(selection: Selection, purge: bool = False, progress: Progress | None = 
             f"cluster {record.name} runs on hosts; use `etcdforge reset -f FILE` to stop it"
         )
     layout = record.layout
+    runtime = LocalRuntime(record)
+    asyncio.run(settle_all(record, runtime))
     stopped = []
     for member in record.members:
-        files = layout.member(member.name)
-        if local.running_pid(files.pid_file, files.data_dir) is not None:
+        if runtime.pid(member.name) is not None:
             if progress:
                 progress(f"stop {member.name}")
-            local.stop(files.pid_file, files.data_dir)
+            asyncio.run(runtime.stop(member.name))
             stopped.append(member.name)
     purged: list[Path] = []
     if purge:

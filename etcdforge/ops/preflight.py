@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 from etcdforge.errors import PreflightError
 from etcdforge.hosts import CommandResult, Host, last_line
-from etcdforge.services.systemd import env_file
+from etcdforge.services.systemd import SHOW_PROPERTIES, UnitState, env_file, parse_show
 from etcdforge.spec import HostPathsSpec, MemberSpec
 
 MAX_CLOCK_SKEW = 60.0
@@ -21,7 +22,7 @@ MIN_FREE_DATA = 1 << 30  # a fresh member preallocates ~123 MB of WAL; leave roo
 MIN_FREE_RELEASES = 256 << 20  # one release unpacked is ~60 MB
 
 _PROBE = r"""
-data=$1 releases=$2 envfile=$3 unit=$4
+data=$1 releases=$2 envfile=$3 unit=$4  # $5: the unit properties to show
 echo "uid=$(id -u)"
 echo "arch=$(uname -m)"
 command -v systemctl >/dev/null && echo "systemd=yes" || echo "systemd=no"
@@ -36,9 +37,8 @@ echo "free_releases=$(free "$releases")"
 if [ -f "$envfile" ]; then
   echo "env_token=$(sed -n 's/^ETCD_INITIAL_CLUSTER_TOKEN=//p' "$envfile")"
 fi
-systemctl show -p MainPID -p ActiveState -p UnitFileState -p FragmentPath -- "$unit" \
-  | sed 's/^/unit_/'
-systemctl show -p ActiveState -p UnitFileState -p FragmentPath -- etcd.service | sed 's/^/distro_/'
+systemctl show -p "$5" -- "$unit" | sed 's/^/unit_/'
+systemctl show -p "$5" -- etcd.service | sed 's/^/distro_/'
 echo "listeners<<"
 ss -Htlnp 2>/dev/null
 echo ">>"
@@ -53,37 +53,54 @@ class Listener:
     process: str
 
 
+class DataDirOwner(Enum):
+    NONE = "none"  # no member data: free to use
+    THIS_CLUSTER = "this cluster"
+    OTHER = "another cluster"
+
+
+def data_dir_owner(has_member: bool, env_token: str | None, token: str | None) -> DataDirOwner:
+    """Whose data is in a host's data dir: the one rule preflight and reset both apply.
+
+    etcdforge's environment file beside the data names the cluster token it was created with; a
+    data dir without it, or with another token, is never ours to start on or to delete.
+    """
+    if not has_member:
+        return DataDirOwner.NONE
+    if token is not None and env_token == token:
+        return DataDirOwner.THIS_CLUSTER
+    return DataDirOwner.OTHER
+
+
+def foreign_data(label: str, data_dir: object, env_token: str | None, fix: str) -> PreflightError:
+    whose = f"token {env_token}" if env_token else "no etcdforge configuration here"
+    return PreflightError(
+        f"{label}: {data_dir} already holds an etcd member of another cluster ({whose}); {fix}"
+    )
+
+
 @dataclass(frozen=True)
 class HostFacts:
-    """What the probe found on one host; read by the checks and by `apply`'s plan."""
+    """What the probe found on one host, parsed once; read by the checks and by `apply`'s plan."""
 
-    values: dict[str, str]
+    uid: str
+    arch: str
+    has_systemd: bool
+    free_data: int  # bytes
+    free_releases: int
+    has_member_data: bool
+    env_token: str | None
+    unit: UnitState
+    distro: UnitState  # the distribution's etcd.service
     listeners: tuple[Listener, ...]
     skew: float
 
-    @property
-    def unit_pid(self) -> int:
-        return int(self.values.get("unit_MainPID", "0") or 0)
-
-    @property
-    def unit_active(self) -> bool:
-        return self.values.get("unit_ActiveState", "") in ("active", "activating", "reloading")
-
-    @property
-    def unit_fragment(self) -> str:
-        return self.values.get("unit_FragmentPath", "")
-
-    @property
-    def unit_enabled(self) -> str:
-        return self.values.get("unit_UnitFileState", "")
-
     def foreign_unit(self, paths: HostPathsSpec) -> bool:
         """A unit of our name loaded from another file (the distribution's etcd.service)."""
-        return bool(self.unit_fragment) and self.unit_fragment != str(paths.unit)
+        return bool(self.unit.fragment) and self.unit.fragment != str(paths.unit)
 
-    @property
-    def env_token(self) -> str | None:
-        return self.values.get("env_token")
+    def data_owner(self, token: str | None) -> DataDirOwner:
+        return data_dir_owner(self.has_member_data, self.env_token, token)
 
 
 def parse_listeners(text: str) -> list[Listener]:
@@ -107,11 +124,27 @@ def parse_listeners(text: str) -> list[Listener]:
     return found
 
 
-def _parse(text: str) -> tuple[dict[str, str], list[Listener]]:
+def parse_probe(text: str, before: float, after: float) -> HostFacts:
+    """The probe's output as facts; `before`/`after` bracket the probe on this machine's clock."""
     head, _, rest = text.partition("listeners<<\n")
-    listeners_text = rest.partition(">>")[0]
     values = dict(line.split("=", 1) for line in head.splitlines() if "=" in line)
-    return values, parse_listeners(listeners_text)
+    try:
+        skew = float(values.get("time", "nan")) - (before + after) / 2
+    except ValueError:
+        skew = float("nan")
+    return HostFacts(
+        uid=values.get("uid", ""),
+        arch=values.get("arch", ""),
+        has_systemd=values.get("systemd") == "yes",
+        free_data=int(values.get("free_data", "0") or 0) * 1024,
+        free_releases=int(values.get("free_releases", "0") or 0) * 1024,
+        has_member_data=values.get("data_member") == "yes",
+        env_token=values.get("env_token"),
+        unit=parse_show(head, prefix="unit_"),
+        distro=parse_show(head, prefix="distro_"),
+        listeners=tuple(parse_listeners(rest.partition(">>")[0])),
+        skew=skew,
+    )
 
 
 def probe_failure(host: Host, result: CommandResult) -> PreflightError:
@@ -128,17 +161,13 @@ def probe_failure(host: Host, result: CommandResult) -> PreflightError:
 async def probe(host: Host, paths: HostPathsSpec) -> HostFacts:
     """Log in (sudo included) and read the host's state; raises if sudo does not work."""
     args = [str(paths.data_dir), str(paths.releases_dir), str(env_file(paths)), paths.unit.name]
+    args.append(",".join(SHOW_PROPERTIES))
     before = time.time()
     result = await host.run(["sh", "-c", _PROBE, "sh", *args], check=False)
     after = time.time()
     if result.code != 0:
         raise probe_failure(host, result)
-    values, listeners = _parse(result.out)
-    try:
-        skew = float(values.get("time", "nan")) - (before + after) / 2
-    except ValueError:
-        skew = float("nan")
-    return HostFacts(values, tuple(listeners), skew)
+    return parse_probe(result.out, before, after)
 
 
 def check(
@@ -150,34 +179,44 @@ def check(
 ) -> None:
     """Refuse a host that would break or be broken by the change; the message names the fix."""
     label = host.label
-    values = facts.values
-    if values.get("uid") != "0":
+    if facts.uid != "0":
         raise PreflightError(
-            f"{label}: commands do not run as root (uid {values.get('uid')}); set ssh.become: "
+            f"{label}: commands do not run as root (uid {facts.uid}); set ssh.become: "
             "true with passwordless sudo, or log in as root"
         )
-    if values.get("systemd") != "yes":
+    if not facts.has_systemd:
         raise PreflightError(f"{label}: no systemctl here; etcdforge needs a systemd host")
-    if values.get("arch") != "x86_64":
+    if facts.arch != "x86_64":
         raise PreflightError(
-            f"{label}: architecture {values.get('arch')} is not x86_64 (linux-amd64 releases)"
+            f"{label}: architecture {facts.arch} is not x86_64 (linux-amd64 releases)"
         )
     if not abs(facts.skew) <= MAX_CLOCK_SKEW:
         raise PreflightError(
             f"{label}: clock differs from this machine's by {facts.skew:+.0f} s (limit "
             f"{MAX_CLOCK_SKEW:.0f} s); fix NTP on the host (certificates would not be valid yet)"
         )
-    for key, minimum, where in (
-        ("free_data", MIN_FREE_DATA, paths.data_dir),
-        ("free_releases", MIN_FREE_RELEASES, paths.releases_dir),
+    for free, minimum, where in (
+        (facts.free_data, MIN_FREE_DATA, paths.data_dir),
+        (facts.free_releases, MIN_FREE_RELEASES, paths.releases_dir),
     ):
-        free = int(values.get(key, "0") or 0) * 1024
         if free < minimum:
             raise PreflightError(
                 f"{label}: only {free >> 20} MiB free for {where} (need {minimum >> 20} MiB); "
                 "free some space or move host_paths"
             )
-    ours = facts.unit_pid if facts.unit_active and not facts.foreign_unit(paths) else None
+    _check_ports(label, member, paths, facts)
+    if facts.data_owner(token) is DataDirOwner.OTHER:
+        raise foreign_data(
+            label,
+            paths.data_dir,
+            facts.env_token,
+            "move it away, or `etcdforge reset --purge-data` if it is this cluster's",
+        )
+
+
+def _check_ports(label: str, member: MemberSpec, paths: HostPathsSpec, facts: HostFacts) -> None:
+    unit = facts.unit
+    ours = unit.main_pid if unit.running and not facts.foreign_unit(paths) else None
     for port in (member.client_port, member.peer_port):
         for listener in facts.listeners:
             if listener.port != port or listener.address not in (
@@ -196,9 +235,3 @@ def check(
                 f"{label}: port {port} on {listener.address} is taken by {owner}; stop it or "
                 "give the member other ports in the spec"
             )
-    if values.get("data_member") == "yes" and (token is None or facts.env_token != token):
-        whose = f"token {facts.env_token}" if facts.env_token else "no etcdforge configuration here"
-        raise PreflightError(
-            f"{label}: {paths.data_dir} already holds an etcd member of another cluster "
-            f"({whose}); move it away, or `etcdforge reset --purge-data` if it is this cluster's"
-        )

@@ -13,17 +13,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from etcdforge.errors import PreflightError
-from etcdforge.hosts import Host
+from etcdforge.host_logins import close_all, connect_all
+from etcdforge.hosts import Host, fan_out
 from etcdforge.ops import preflight
-from etcdforge.ops.apply import close_all, connect_all, load_host_spec
+from etcdforge.ops.apply import load_host_spec
 from etcdforge.ops.plan import AsyncStep, execute_async
+from etcdforge.ops.preflight import DataDirOwner, foreign_data
 from etcdforge.ops.target import Selection
 from etcdforge.release import BINARIES
 from etcdforge.services import systemd
 from etcdforge.spec import ClusterSpec, HostPathsSpec
 
 HostProgress = Callable[[str, str], None]
+NOT_DELETING = "not deleting anything; move it away by hand if you are sure"
 
 
 @dataclass(frozen=True)
@@ -59,24 +61,18 @@ def reset_steps(
         )
 
     async def stop() -> None:
-        await host.run(["systemctl", "disable", "--now", "-q", unit], timeout=120)
+        await systemd.disable_now(host, unit)
 
     async def purge() -> None:
-        found = await host.read_file(env)
-        theirs = systemd.env_pairs(found.decode()) if found else {}
-        member_dir = PurePosixPath(paths.data_dir) / "member"
-        has_member = (await host.run(["test", "-d", str(member_dir)], check=False)).code == 0
-        if has_member and (token is None or theirs.get("ETCD_INITIAL_CLUSTER_TOKEN") != token):
-            raise PreflightError(
-                f"{host.label}: {paths.data_dir} does not belong to this cluster (its token "
-                "differs); not deleting it; remove it by hand if you are sure"
-            )
+        # Checked again right before deleting: the data may have changed since preflight.
+        facts = await preflight.probe(host, paths)
+        if facts.data_owner(token) is DataDirOwner.OTHER:
+            raise foreign_data(host.label, paths.data_dir, facts.env_token, NOT_DELETING)
         await host.run(["rm", "-rf", "--", str(paths.data_dir)])
 
     async def remove_unit() -> None:
         await host.run(["rm", "-f", "--", str(paths.unit)])
-        await host.run(["systemctl", "daemon-reload"])
-        await host.run(["systemctl", "reset-failed", unit], check=False)
+        await systemd.forget_unit(host, unit)
 
     async def links_gone() -> bool:
         for name in BINARIES:
@@ -144,23 +140,14 @@ def reset(
 async def _reset(
     spec: ClusterSpec, token: str | None, purge_data: bool, progress: HostProgress
 ) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    from etcdforge.hosts import fan_out
-
     paths = spec.host_paths
     hosts = await connect_all(spec)
     try:
         # Login and sudo on every host first: nothing is removed anywhere unless all answer.
         async def check(host: Host) -> None:
             facts = await preflight.probe(host, paths)
-            if (
-                purge_data
-                and facts.values.get("data_member") == "yes"
-                and (token is None or facts.env_token != token)
-            ):
-                raise PreflightError(
-                    f"{host.label}: {paths.data_dir} does not belong to this cluster (token "
-                    f"{facts.env_token or 'unknown'}); not deleting anything; move it away by hand"
-                )
+            if purge_data and facts.data_owner(token) is DataDirOwner.OTHER:
+                raise foreign_data(host.label, paths.data_dir, facts.env_token, NOT_DELETING)
 
         await fan_out(list(hosts.values()), lambda h: h.label, check)
 

@@ -26,13 +26,18 @@ from etcdforge import snapshot
 from etcdforge.binaries import EtcdBinary, parse_version
 from etcdforge.errors import EtcdforgeError, HostError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, remove_tree
+from etcdforge.host_logins import close_all, connect_all
 from etcdforge.hosts import Host, fan_out, last_line
 from etcdforge.layout import MemberLayout
+from etcdforge.ops.apply import probe_all
+from etcdforge.ops.health import wait_healthy
 from etcdforge.ops.plan import Step
-from etcdforge.ops.target import Selection
+from etcdforge.ops.target import Selection, deployed_spec
 from etcdforge.record import ClusterRecord
-from etcdforge.services import local, systemd
-from etcdforge.spec import ClusterSpec, parse_spec
+from etcdforge.services import systemd
+from etcdforge.services.local import LocalRuntime
+from etcdforge.services.runtime import MemberRuntime
+from etcdforge.services.systemd import SystemdRuntime
 
 T = TypeVar("T")
 ASIDE = ".pre-migrate"
@@ -85,8 +90,11 @@ class RestoreTarget(Protocol):
         ...
 
 
-def record_spec(record: ClusterRecord) -> ClusterSpec:
-    return parse_spec(record.spec, source=f"{record.state_dir}/cluster.json", allow_even=True)
+async def start_all(record: ClusterRecord, runtime: MemberRuntime, timeout: float) -> None:
+    """Start every member together (a restored cluster needs a quorum), then wait for health."""
+    names = [m.name for m in record.members]
+    await fan_out(names, runtime.label, runtime.start)
+    await wait_healthy(record, runtime, timeout)
 
 
 class _Markers:
@@ -123,7 +131,8 @@ class LocalTarget:
     def __init__(self, selection: Selection, record: ClusterRecord, work: Path) -> None:
         self.selection = selection
         self.record = record
-        self.spec = record_spec(record)
+        self.spec = deployed_spec(record)
+        self.runtime = LocalRuntime(record)
         self.markers = _Markers(work, record)
         self._tools = snapshot.find_tools(
             EtcdBinary(Path(record.binary), parse_version(record.version))
@@ -149,11 +158,10 @@ class LocalTarget:
         return [self._stop_step(n) for n in names] + [self._restore_step(n, snap) for n in names]
 
     def _stop_step(self, name: str) -> Step:
-        files = self._files(name)
         return Step(
             f"stop {name}",
-            lambda: local.running_pid(files.pid_file, files.data_dir) is None,
-            lambda: local.stop(files.pid_file, files.data_dir),
+            lambda: self.runtime.pid(name) is None,
+            lambda: asyncio.run(self.runtime.stop(name)),
         )
 
     def _restore_step(self, name: str, snap: Snapshot) -> Step:
@@ -165,7 +173,7 @@ class LocalTarget:
             return self.markers.matches(name, snap) and data_dir.is_dir()
 
         def restore() -> None:
-            if local.running_pid(files.pid_file, data_dir) is not None:
+            if self.runtime.pid(name) is not None:
                 raise RestoreError(f"member {name} is running again; stop it and rerun")
             fresh = data_dir.with_name(data_dir.name + ".restoring")
             remove_tree(fresh)
@@ -192,9 +200,7 @@ class LocalTarget:
         return Step(f"restore {name} from the snapshot", done, restore)
 
     def start(self) -> None:
-        from etcdforge.ops.up import up
-
-        up(Selection(file=self.selection.file, state_dir=self.record.layout.root), allow_even=True)
+        asyncio.run(start_all(self.record, self.runtime, START_TIMEOUT))
 
     def finish(self) -> None:
         for member in self.record.members:
@@ -250,9 +256,10 @@ class HostTarget:
     ) -> None:
         self.selection = selection
         self.record = record
-        self.spec = record_spec(record)
+        self.spec = deployed_spec(record)
         self.paths = self.spec.host_paths
         self.unit = systemd.unit_name(self.paths)
+        self.runtime = SystemdRuntime(hosts, self.unit)
         self.data_dir = PurePosixPath(self.paths.data_dir)
         self.markers = _Markers(work, record)
         self.runner = runner
@@ -290,17 +297,10 @@ class HostTarget:
         return [self._stop_step(n) for n in names] + [self._restore_step(n, snap) for n in names]
 
     def _stop_step(self, name: str) -> Step:
-        host = self.hosts[name]
-
-        async def stopped() -> bool:
-            return not (await systemd.unit_state(host, self.unit)).running
-
         return Step(
-            f"stop {self.unit} on {host.label}",
-            lambda: self._run(stopped()),
-            lambda: self._run(
-                host.run(["systemctl", "stop", self.unit], timeout=systemd.RESTART_TIMEOUT)
-            ),
+            f"stop {self.unit} on {self.hosts[name].label}",
+            lambda: not self._run(self.runtime.is_running(name)),
+            lambda: self._run(self.runtime.stop(name)),
         )
 
     def _restore_step(self, name: str, snap: Snapshot) -> Step:
@@ -319,7 +319,7 @@ class HostTarget:
             return self.markers.matches(name, snap) and self._run(in_place())
 
         async def restore() -> None:
-            if (await systemd.unit_state(host, self.unit)).running:
+            if await self.runtime.is_running(name):
                 raise RestoreError(f"{host.label}: {self.unit} is running again; stop it and rerun")
             await host.write_file(upload, snap.path.read_bytes(), PRIVATE_FILE)
             fresh = PurePosixPath(f"{self.data_dir}.restoring")
@@ -348,14 +348,7 @@ class HostTarget:
         return Step(f"restore {name} on {host.label} from the snapshot", done, run)
 
     def start(self) -> None:
-        from etcdforge.ops.apply import converge_services
-
-        actions: dict[str, str | None] = {m.name: "start" for m in self.record.members}
-        self._run(
-            converge_services(
-                self.spec, self.record, self.hosts, actions, lambda _h, _m: None, START_TIMEOUT
-            )
-        )
+        self._run(start_all(self.record, self.runtime, START_TIMEOUT))
 
     def finish(self) -> None:
         aside = f"{self.data_dir}{ASIDE}"
@@ -381,12 +374,10 @@ async def _probe_restorer(host: Host, bin_dir: str) -> tuple[str, snapshot.Resto
 @contextlib.contextmanager
 def open_target(selection: Selection, record: ClusterRecord, work: Path) -> Iterator[RestoreTarget]:
     """The cluster as a restore target; for hosts, logged in and preflighted (read-only)."""
-    spec = record_spec(record)
+    spec = deployed_spec(record)
     if not spec.on_hosts:
         yield LocalTarget(selection, record, work)
         return
-    from etcdforge.ops.apply import close_all, connect_all, probe_all
-
     base = selection.file.parent if selection.file is not None else Path.cwd()
     release = releases.resolve(spec.etcd, base)
     tools = snapshot.find_tools(EtcdBinary(releases.admin_tools(release) / "etcd", release.version))

@@ -20,6 +20,7 @@ decided from the running processes, so a rerun after a kill finishes a half-roll
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,14 +33,16 @@ from etcdforge.errors import PKIError, ServiceError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, remove_tree
 from etcdforge.layout import MemberLayout, StateLayout
 from etcdforge.names import KeyAlgorithm
+from etcdforge.ops.apply import apply, load_host_spec
 from etcdforge.ops.certs import bundle_ids, chains_to, fingerprint, swap_pair, write_bundle
+from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.ops.plan import Progress, Step, execute
 from etcdforge.ops.renew import Leaf, cluster_leaves, renew_step, wait_served
-from etcdforge.ops.rolling import loaded, restart_member, start_member
+from etcdforge.ops.rolling import restart_one
+from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.target import Selection, record_for
-from etcdforge.ops.up import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.record import ClusterRecord
-from etcdforge.services import local
+from etcdforge.services.local import LocalRuntime
 
 PHASES = ("trust", "reissue", "drop")
 
@@ -159,6 +162,7 @@ def rotation_steps(
     and each phase ends by converging the hosts.
     """
     layout = record.layout
+    runtime = LocalRuntime(record)
     work = rotation_dir(layout)
     pki_spec = record.deployed.pki
     algorithm = KeyAlgorithm(pki_spec.key_algorithm)
@@ -238,15 +242,14 @@ def rotation_steps(
         def correct() -> bool:
             return all(
                 bundle_ids(p.member_trust(files)) == _ids(wanted(p)) for p in all_planes
-            ) and loaded(files, *paths)
+            ) and runtime.started_after(name, *paths)
 
         def run() -> None:
             for plane in all_planes:
                 write_bundle(plane.member_trust(files), wanted(plane))
-            if local.running_pid(files.pid_file, files.data_dir) is not None and not loaded(
-                files, *paths
-            ):
-                restart_member(record, name, timeout)
+            if runtime.pid(name) is not None and not runtime.started_after(name, *paths):
+                reason = "CA files changed"
+                asyncio.run(restart_one(record, runtime, name, reason, _quiet, timeout))
                 restarted.append(name)
 
         return Step(title, _safe(lambda: later(phase) or correct()), run)
@@ -313,39 +316,42 @@ def _confirm_served(record: ClusterRecord) -> None:
             )
 
 
+def _quiet(_where: str, _message: str) -> None:
+    """Local restarts show as the step's own title; the roll's detail stays silent."""
+
+
 def _host_converge(selection: Selection, progress: Progress | None, timeout: float) -> Converge:
     """`apply` itself (preflight, files, rolling restarts, health), run once per phase."""
-    from etcdforge.ops.apply import apply
 
     def show(host: str, message: str) -> None:
         if progress:
             progress(f"{host}: {message}")
 
     def run() -> list[str]:
-        result = apply(selection, progress=show, timeout=timeout, allow_even=True)
-        return [h.member for h in result.hosts if (h.service or "").startswith("restart")]
+        return apply(selection, progress=show, timeout=timeout, allow_even=True).restarted
 
     return run
 
 
 def _require_live(record: ClusterRecord, timeout: float) -> None:
     """Rotation is rolling: every member must run. A restart cut short is finished here."""
-    layout = record.layout
-    down = [
-        m.name
-        for m in record.members
-        if local.running_pid(layout.member(m.name).pid_file, layout.member(m.name).data_dir) is None
-    ]
-    if not down:
-        return
-    if not rotation_dir(layout).exists():
-        raise ServiceError(
-            f"member(s) {', '.join(down)} of cluster {record.name} are not running; "
-            "start them with `etcdforge up` before rotating the CA"
-        )
-    for name in down:
-        start_member(record, name)
-    wait_healthy(record, timeout)
+    runtime = LocalRuntime(record)
+
+    async def check() -> None:
+        await settle_all(record, runtime)
+        down = [m.name for m in record.members if runtime.pid(m.name) is None]
+        if not down:
+            return
+        if not rotation_dir(record.layout).exists():
+            raise ServiceError(
+                f"member(s) {', '.join(down)} of cluster {record.name} are not running; "
+                "start them with `etcdforge up` before rotating the CA"
+            )
+        for name in down:
+            await runtime.start(name)
+        await wait_healthy(record, runtime, timeout)
+
+    asyncio.run(check())
 
 
 def rotate_ca(
@@ -358,8 +364,6 @@ def rotate_ca(
     record = record_for(selection)
     converge: Converge | None = None
     if record.on_hosts:
-        from etcdforge.ops.apply import load_host_spec
-
         load_host_spec(selection, allow_even=True)  # needs -f, like apply
         converge = _host_converge(selection, progress, timeout)
     elif not dry_run:

@@ -39,7 +39,7 @@ def spec_for_up(
     selection: Selection, members: int | None, allow_even: bool
 ) -> tuple[ClusterSpec, StateLayout, ClusterRecord | None]:
     """The spec `up` converges to, and the record of what is already deployed, if any."""
-    from etcdforge.spec import default_spec, load_spec, parse_spec
+    from etcdforge.spec import default_spec, load_spec
 
     if selection.file is not None:
         if members is not None:
@@ -50,9 +50,7 @@ def spec_for_up(
         name = selection.cluster or DEFAULT_CLUSTER
         record = read_record(state_dir_for(selection))
         if record is not None and members is None:
-            spec = parse_spec(
-                record.spec, source=f"{record.state_dir}/cluster.json", allow_even=True
-            )
+            spec = deployed_spec(record)
         else:
             count = 3 if members is None else members
             if count % 2 == 0 and not allow_even:
@@ -63,6 +61,13 @@ def spec_for_up(
             spec = default_spec(count, name)
     layout = StateLayout(state_dir_for(selection, spec), spec.data_dir, spec.cert_dir)
     return spec, layout, record
+
+
+def deployed_spec(record: ClusterRecord) -> ClusterSpec:
+    """The full spec a cluster was deployed with, validated again (host paths, ssh sections)."""
+    from etcdforge.spec import parse_spec  # pydantic: only for commands that need the whole spec
+
+    return parse_spec(record.spec, source=f"{record.state_dir}/cluster.json", allow_even=True)
 
 
 def record_for(selection: Selection) -> ClusterRecord:

@@ -4,11 +4,18 @@ Members outlive the CLI. Signals only ever go to a PID we recorded, and only aft
 /proc/PID/cmdline shows it is still the etcd we started with that member's data dir, so a
 recycled PID is never killed. The member's flags live in a file beside the pid file, so what a
 running member was started with can be compared with what the spec wants now.
+
+Each start appends a marker line to the member's log, so a diagnosis reads only the latest start's
+lines, never an earlier run's shutdown. A stop leaves a `etcd.stopping` note (the PID) until the
+process is gone, so a command that finds a member mid-stop (the previous command was killed while
+stopping it) waits for it to finish instead of mistaking it for a failed start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -17,12 +24,16 @@ from pathlib import Path
 
 from etcdforge.errors import ServiceError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write
+from etcdforge.layout import MemberLayout
+from etcdforge.record import ClusterRecord
+from etcdforge.services.runtime import RunningMember
 
 STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.05
+START_MARK = "### etcdforge: start "
 
 
-def _cmdline(pid: int) -> list[str]:
+def command_line(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -49,7 +60,7 @@ def _identity(data_dir: Path) -> str:
 
 
 def is_our_etcd(pid: int, data_dir: Path) -> bool:
-    argv = _cmdline(pid)
+    argv = command_line(pid)
     return (
         len(argv) >= 2
         and Path(argv[0]).name.startswith("etcd")
@@ -80,6 +91,9 @@ def start(binary: Path, flags: list[str], pid_file: Path, log_file: Path) -> int
         raise ServiceError("internal: a local member needs --data-dir to be recognised later")
     with open(log_file, "ab") as log:
         os.chmod(log_file, PRIVATE_FILE)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        log.write(f"{START_MARK}{stamp} {binary}\n".encode())
+        log.flush()
         try:
             process = subprocess.Popen(
                 [str(binary), *flags],
@@ -95,19 +109,55 @@ def start(binary: Path, flags: list[str], pid_file: Path, log_file: Path) -> int
     return process.pid
 
 
+def stopping_file(pid_file: Path) -> Path:
+    return pid_file.with_name("etcd.stopping")
+
+
 def stop(pid_file: Path, data_dir: Path, timeout: float = STOP_TIMEOUT) -> bool:
     """SIGTERM, then SIGKILL after `timeout`; returns True if a process was stopped."""
     pid = running_pid(pid_file, data_dir)
+    note = stopping_file(pid_file)
     if pid is None:
         pid_file.unlink(missing_ok=True)
+        note.unlink(missing_ok=True)
         return False
+    atomic_write(note, f"{pid}\n".encode(), PRIVATE_FILE)
     os.kill(pid, signal.SIGTERM)
+    _finish_stop(pid, data_dir, timeout)
+    pid_file.unlink(missing_ok=True)
+    note.unlink(missing_ok=True)
+    return True
+
+
+def _finish_stop(pid: int, data_dir: Path, timeout: float) -> None:
     if not _wait_gone(pid, data_dir, timeout):
         if is_our_etcd(pid, data_dir):
             os.kill(pid, signal.SIGKILL)
         if not _wait_gone(pid, data_dir, 5.0):
             raise ServiceError(f"etcd PID {pid} did not exit after SIGKILL; check it by hand")
-    pid_file.unlink(missing_ok=True)
+
+
+def settle(pid_file: Path, data_dir: Path, timeout: float = STOP_TIMEOUT) -> None:
+    """Finish a stop that an earlier, interrupted command began (see the module docstring)."""
+    note = stopping_file(pid_file)
+    pid = read_pid(note)
+    if pid is None:
+        note.unlink(missing_ok=True)
+        return
+    if pid == read_pid(pid_file) and is_our_etcd(pid, data_dir):
+        _finish_stop(pid, data_dir, timeout)
+        pid_file.unlink(missing_ok=True)
+    note.unlink(missing_ok=True)
+
+
+def kill(pid_file: Path, data_dir: Path) -> bool:
+    """SIGKILL, as a crash would; the pid file stays, as it would after a crash."""
+    pid = running_pid(pid_file, data_dir)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(pid, data_dir, 5.0):
+        raise ServiceError(f"etcd PID {pid} did not exit after SIGKILL; check it by hand")
     return True
 
 
@@ -122,8 +172,126 @@ def _wait_gone(pid: int, data_dir: Path, timeout: float) -> bool:
 
 
 def log_tail(log_file: Path, lines: int = 5) -> str:
+    """The last lines the member logged since its latest start (never an earlier run's)."""
     try:
         text = log_file.read_text(errors="replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    current = text.rpartition(START_MARK)[2].partition("\n")[2] if START_MARK in text else text
+    return "\n".join(current.splitlines()[-lines:])
+
+
+def started_at(pid: int) -> float | None:
+    """When a process started, as a Unix time (10 ms resolution), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    ticks = int(fields[19])  # field 22, counted after the "(comm)" part
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stored_flags(files: MemberLayout) -> list[str]:
+    """The flags `up` wrote for the member: what it starts with."""
+    try:
+        text = files.flags_file.read_text()
+    except FileNotFoundError:
+        raise ServiceError(
+            f"{files.flags_file}: missing; run `etcdforge up` to write the member's flags"
+        ) from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def log_message(line: str) -> str:
+    """etcd logs JSON lines; surface just the message and error fields."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return line.strip()
+    if not isinstance(entry, dict):
+        return line.strip()
+    parts = [str(entry.get("msg", ""))]
+    if entry.get("error"):
+        parts.append(str(entry["error"]))
+    return ": ".join(p for p in parts if p)
+
+
+class LocalRuntime:
+    """Members of a cluster started by `up`, as detached processes of this machine."""
+
+    def __init__(self, record: ClusterRecord) -> None:
+        self.record = record
+        self.layout = record.layout
+
+    def files(self, name: str) -> MemberLayout:
+        return self.layout.member(name)
+
+    def label(self, name: str) -> str:
+        return name
+
+    def service_name(self, name: str) -> str:
+        return name
+
+    def pid(self, name: str) -> int | None:
+        files = self.files(name)
+        return running_pid(files.pid_file, files.data_dir)
+
+    async def start(self, name: str) -> None:
+        files = self.files(name)
+        if self.pid(name) is None:
+            start(Path(self.record.binary), stored_flags(files), files.pid_file, files.log_file)
+
+    async def stop(self, name: str) -> None:
+        files = self.files(name)
+        await asyncio.to_thread(stop, files.pid_file, files.data_dir)
+
+    async def restart(self, name: str) -> None:
+        await self.stop(name)
+        await self.start(name)
+
+    async def kill(self, name: str) -> None:
+        files = self.files(name)
+        await asyncio.to_thread(kill, files.pid_file, files.data_dir)
+
+    async def is_running(self, name: str) -> bool:
+        return self.pid(name) is not None
+
+    def started_after(self, name: str, *paths: Path) -> bool:
+        """True when the member runs on what `paths` hold now (started after they last changed),
+        or is not running: etcd reads its trusted CA files only at start-up."""
+        pid = self.pid(name)
+        start = started_at(pid) if pid is not None else None
+        if start is None:
+            return True
+        newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+        return start >= newest
+
+    async def settle(self, name: str, timeout: float) -> None:
+        files = self.files(name)
+        await asyncio.to_thread(settle, files.pid_file, files.data_dir, timeout)
+
+    async def running_with(self, name: str) -> RunningMember | None:
+        pid = self.pid(name)
+        if pid is None:
+            return None
+        argv = command_line(pid)
+        settings = dict(
+            arg[2:].split("=", 1) for arg in argv[1:] if arg.startswith("--") and "=" in arg
+        )
+        return RunningMember(pid, settings, argv[0] if argv else "")
+
+    async def down_reason(self, name: str) -> str | None:
+        files = self.files(name)
+        if self.pid(name) is not None:
+            return None
+        if read_pid(files.pid_file) is None:  # stopped on purpose: stop removes the pid file
+            return f"member {name} is not running; start it with `etcdforge up`"
+        reason = log_message(log_tail(files.log_file, 1)) or "no log output"
+        return f"member {name} exited during start-up: {reason}; see {files.log_file}"
+
+    async def log_tail(self, name: str, lines: int = 5) -> str:
+        return log_tail(self.files(name).log_file, lines)
+
+    def log_hint(self, name: str) -> str:
+        return f"see {self.files(name).log_file}"

@@ -10,15 +10,21 @@ still restarts on the next run, and a converged cluster is never restarted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from etcdforge.errors import ServiceError
 from etcdforge.hosts import Host, last_line
+from etcdforge.services.runtime import START, ActionKind, RunningMember, ServiceAction
 from etcdforge.spec import HostPathsSpec
 
 FINGERPRINT_VAR = "ETCDFORGE_UNIT"
 RESTART_TIMEOUT = 120.0
+SETTLE_POLL = 0.2
 
 
 def env_file(paths: HostPathsSpec) -> PurePosixPath:
@@ -76,30 +82,73 @@ def unit_fingerprint(unit_text: str) -> str | None:
     return None
 
 
+SHOW_PROPERTIES = (
+    "ActiveState",
+    "SubState",
+    "UnitFileState",
+    "MainPID",
+    "FragmentPath",
+    "NeedDaemonReload",
+    "InvocationID",
+)
+
+
 @dataclass(frozen=True)
 class UnitState:
-    active: str  # active, inactive, failed, activating, ...
+    active: str  # active, inactive, failed, activating, deactivating, ...
     enabled: str  # enabled, disabled, masked, "" when there is no unit file
     main_pid: int
     fragment: str  # the unit file systemd loaded
     need_reload: bool
+    sub: str = ""  # running, auto-restart, start, stop-sigterm, ...
+    invocation: str = ""
 
     @property
     def running(self) -> bool:
         return self.active in ("active", "activating", "reloading") and self.main_pid > 0
 
+    @property
+    def in_transition(self) -> bool:
+        """Starting or stopping: judge the member only once this is over."""
+        return self.active in ("activating", "deactivating", "reloading") and (
+            self.sub != "auto-restart"
+        )
 
-async def unit_state(host: Host, name: str) -> UnitState:
-    props = "ActiveState,UnitFileState,MainPID,FragmentPath,NeedDaemonReload"
-    result = await host.run(["systemctl", "show", "-p", props, "--", name])
-    values = dict(line.split("=", 1) for line in result.out.splitlines() if "=" in line)
+    @property
+    def switched_on(self) -> bool:
+        """Enabled at boot or running now: a unit that would start a member by itself."""
+        return self.enabled == "enabled" or self.active in ("active", "activating")
+
+    @property
+    def crashed(self) -> bool:
+        return self.active == "failed" or self.sub == "auto-restart"
+
+
+def parse_show(text: str, prefix: str = "") -> UnitState:
+    """`systemctl show -p ...` output (lines `Key=value`, optionally prefixed) as a UnitState."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.startswith(prefix):
+            values[key.removeprefix(prefix)] = value
     return UnitState(
         active=values.get("ActiveState", ""),
         enabled=values.get("UnitFileState", ""),
         main_pid=int(values.get("MainPID", "0") or 0),
         fragment=values.get("FragmentPath", ""),
         need_reload=values.get("NeedDaemonReload", "no") == "yes",
+        sub=values.get("SubState", ""),
+        invocation=values.get("InvocationID", ""),
     )
+
+
+def show_argv(name: str) -> list[str]:
+    return ["systemctl", "show", "-p", ",".join(SHOW_PROPERTIES), "--", name]
+
+
+async def unit_state(host: Host, name: str) -> UnitState:
+    result = await host.run(show_argv(name))
+    return parse_show(result.out)
 
 
 @dataclass(frozen=True)
@@ -125,25 +174,132 @@ async def running_process(host: Host, state: UnitState) -> Running | None:
     return Running(pid, environ, exe)
 
 
-def restart_reasons(
-    running: Running, env_text: str, unit_text: str, version_dir: PurePosixPath
-) -> list[str]:
-    """Why the live process differs from what the files now say; empty means leave it alone."""
+def service_action(
+    running: RunningMember | None, env_text: str, unit_text: str, version_dir: PurePosixPath
+) -> ServiceAction | None:
+    """What the live process needs to match the files: start, restart and why, or nothing."""
+    if running is None:
+        return START
     reasons = []
     wanted = env_pairs(env_text)
-    changed = sorted(k for k, v in wanted.items() if running.environ.get(k) != v)
-    stale = sorted(k for k in running.environ if k.startswith("ETCD_") and k not in wanted)
+    changed = sorted(k for k, v in wanted.items() if running.settings.get(k) != v)
+    stale = sorted(k for k in running.settings if k not in wanted)
     if changed or stale:
         reasons.append("settings " + ", ".join(changed + stale))
-    if running.environ.get(FINGERPRINT_VAR) != unit_fingerprint(unit_text):
+    if running.fingerprint != unit_fingerprint(unit_text):
         reasons.append("unit or CA certificates")
-    if running.exe != str(version_dir / "etcd"):
-        reasons.append(f"binary {running.exe or '?'} -> {version_dir / 'etcd'}")
-    return reasons
+    if running.binary != str(version_dir / "etcd"):
+        reasons.append(f"binary {running.binary or '?'} -> {version_dir / 'etcd'}")
+    return ServiceAction(ActionKind.RESTART, tuple(reasons)) if reasons else None
 
 
-async def journal_tail(host: Host, name: str, lines: int = 1) -> str:
-    result = await host.run(
-        ["journalctl", "-u", name, "-n", str(lines), "-o", "cat", "--no-pager"], check=False
-    )
-    return last_line(result.out) if result.code == 0 else ""
+async def journal_tail(host: Host, name: str, lines: int = 1, invocation: str = "") -> str:
+    """The unit's last log lines; with `invocation`, only that start's (not an earlier run's)."""
+    select = [f"_SYSTEMD_INVOCATION_ID={invocation}"] if invocation else ["-u", name]
+    argv = ["journalctl", *select, "-n", str(lines), "-o", "cat", "--no-pager"]
+    result = await host.run(argv, check=False)
+    if result.code != 0:
+        return ""
+    return last_line(result.out) if lines == 1 else "\n".join(result.out.splitlines()[-lines:])
+
+
+# --- unit management: every systemctl call of etcdforge lives in this module ------------------
+
+
+async def daemon_reload(host: Host) -> None:
+    await host.run(["systemctl", "daemon-reload"])
+
+
+async def is_enabled(host: Host, name: str) -> bool:
+    return (await host.run(["systemctl", "is-enabled", "-q", name], check=False)).code == 0
+
+
+async def enable(host: Host, name: str) -> None:
+    await host.run(["systemctl", "enable", "-q", name])
+
+
+async def disable_now(host: Host, name: str) -> None:
+    await host.run(["systemctl", "disable", "--now", "-q", name], timeout=RESTART_TIMEOUT)
+
+
+async def mask_now(host: Host, name: str) -> None:
+    await host.run(["systemctl", "mask", "--now", name], timeout=RESTART_TIMEOUT)
+
+
+async def is_off(host: Host, name: str) -> bool:
+    """Neither running nor enabled (the distribution's unit, once taken over)."""
+    script = '! systemctl is-active -q "$1" && ! systemctl is-enabled -q "$1"'
+    return (await host.run(["sh", "-c", script, "sh", name], check=False)).code == 0
+
+
+async def forget_unit(host: Host, name: str) -> None:
+    """After the unit file is removed: reload, and drop a failed state systemd still shows."""
+    await daemon_reload(host)
+    await host.run(["systemctl", "reset-failed", name], check=False)
+
+
+class SystemdRuntime:
+    """Members of a host cluster: the same unit on every host, one host per member."""
+
+    def __init__(self, hosts: Mapping[str, Host], unit: str) -> None:
+        self.hosts = hosts
+        self.unit = unit
+
+    def label(self, name: str) -> str:
+        return self.hosts[name].label
+
+    def service_name(self, name: str) -> str:
+        return self.unit
+
+    async def state(self, name: str) -> UnitState:
+        return await unit_state(self.hosts[name], self.unit)
+
+    async def start(self, name: str) -> None:
+        # --no-block: a member of a new cluster reports ready only once a quorum has formed.
+        await self.hosts[name].run(["systemctl", "start", "--no-block", self.unit])
+
+    async def stop(self, name: str) -> None:
+        await self.hosts[name].run(["systemctl", "stop", self.unit], timeout=RESTART_TIMEOUT)
+
+    async def restart(self, name: str) -> None:
+        result = await self.hosts[name].run(
+            ["systemctl", "restart", self.unit], check=False, timeout=RESTART_TIMEOUT
+        )
+        if result.code != 0:
+            reason = await self.down_reason(name) or last_line(result.err)
+            raise ServiceError(f"{self.label(name)}: restart of {self.unit} failed: {reason}")
+
+    async def kill(self, name: str) -> None:
+        await self.hosts[name].run(["systemctl", "kill", "-s", "SIGKILL", self.unit])
+
+    async def is_running(self, name: str) -> bool:
+        return (await self.state(name)).running
+
+    async def settle(self, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (await self.state(name)).in_transition and time.monotonic() < deadline:
+            await asyncio.sleep(SETTLE_POLL)
+
+    async def running_with(self, name: str) -> RunningMember | None:
+        found = await running_process(self.hosts[name], await self.state(name))
+        if found is None:
+            return None
+        settings = {k: v for k, v in found.environ.items() if k.startswith("ETCD_")}
+        return RunningMember(found.pid, settings, found.exe, found.environ.get(FINGERPRINT_VAR))
+
+    async def down_reason(self, name: str) -> str | None:
+        state = await self.state(name)
+        if state.running and not state.crashed:
+            return None
+        host = self.hosts[name]
+        if not state.crashed:
+            return f"{host.label}: {self.unit} is {state.active or 'not loaded'}"
+        log = await journal_tail(host, self.unit, invocation=state.invocation)
+        return f"{host.label}: {self.unit} exited" + (f": {log[:300]}" if log else "")
+
+    async def log_tail(self, name: str, lines: int = 5) -> str:
+        state = await self.state(name)
+        return await journal_tail(self.hosts[name], self.unit, lines, state.invocation)
+
+    def log_hint(self, name: str) -> str:
+        return f"see `journalctl -u {self.unit}` on the host"

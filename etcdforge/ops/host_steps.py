@@ -1,0 +1,228 @@
+"""The steps that converge one host's files to what it should hold (`ops.desired`).
+
+Each step checks the host first (content hash, mode and owner; unit state), so a rerun skips what
+is done; `explain` gives `plan` a short summary of what a step would change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import PurePosixPath
+
+from etcdforge import release as releases
+from etcdforge.errors import HostError
+from etcdforge.hosts import Host, sha256
+from etcdforge.ops.desired import Desired, read_or_none
+from etcdforge.ops.plan import AsyncStep
+from etcdforge.ops.preflight import HostFacts
+from etcdforge.services import systemd
+from etcdforge.spec import ClusterSpec, HostPathsSpec
+
+DISTRO_UNIT = "etcd.service"
+
+
+def file_step(
+    host: Host,
+    title: str,
+    path: PurePosixPath,
+    data: Callable[[], bytes | None],
+    mode: int,
+    owner: str,
+    secret: bool = False,
+) -> AsyncStep:
+    async def is_done() -> bool:
+        wanted = data()
+        state = await host.file_state(path)
+        return wanted is not None and state is not None and state.matches(wanted, mode, owner)
+
+    async def run() -> None:
+        wanted = data()
+        if wanted is None:
+            raise HostError(f"{host.label}: internal: no content for {path}")
+        await host.write_file(path, wanted, mode, owner)
+
+    async def explain() -> str:
+        state = await host.file_state(path)
+        if state is None:
+            return "create"
+        wanted = data()
+        notes = []
+        if wanted is None:
+            notes.append("new certificate")
+        elif state.sha256 != sha256(wanted):
+            notes.append("content changes" if secret else await _diff(host, path, wanted))
+        if state.mode != mode:
+            notes.append(f"mode {state.mode:04o} -> {mode:04o}")
+        if state.owner != owner:
+            notes.append(f"owner {state.owner} -> {owner}")
+        return "; ".join(notes)
+
+    return AsyncStep(title, is_done, run, explain)
+
+
+async def _diff(host: Host, path: PurePosixPath, wanted: bytes) -> str:
+    """`+2 -2 lines (ETCD_INITIAL_CLUSTER)`: enough to see what a change is about."""
+    old = (await host.read_file(path) or b"").decode(errors="replace").splitlines()
+    new = wanted.decode(errors="replace").splitlines()
+    added = removed = 0
+    keys: list[str] = []
+    for line in difflib.unified_diff(old, new, lineterm="", n=0):
+        if line.startswith(("+++", "---", "@@")):
+            continue
+        if line.startswith("+"):
+            added += 1
+        elif line.startswith("-"):
+            removed += 1
+        key = line[1:].split("=", 1)[0]
+        if "=" in line and key not in keys:
+            keys.append(key)
+    named = f" ({', '.join(keys[:4])}{', …' if len(keys) > 4 else ''})" if keys else ""
+    return f"+{added} -{removed} lines{named}"
+
+
+def _command_step(
+    host: Host, title: str, check: Sequence[str], do: Sequence[Sequence[str]]
+) -> AsyncStep:
+    async def is_done() -> bool:
+        return (await host.run(check, check=False)).code == 0
+
+    async def run() -> None:
+        for argv in do:
+            await host.run(argv)
+
+    return AsyncStep(title, is_done, run)
+
+
+def _dirs_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
+    user = paths.user
+    wanted = [
+        (paths.config_dir, "755", "root:root"),
+        (paths.pki_dir, "750", f"root:{user}"),
+        (paths.data_dir, "700", f"{user}:{user}"),
+    ]
+    expect = "\n".join(f"{mode} {owner}" for _, mode, owner in wanted)
+
+    async def is_done() -> bool:
+        argv = ["stat", "-c", "%a %U:%G", "--", *(str(p) for p, _, _ in wanted)]
+        result = await host.run(argv, check=False)
+        return result.code == 0 and result.out.strip() == expect
+
+    async def run() -> None:
+        for path, mode, owner in wanted:
+            uid, gid = owner.split(":")
+            await host.run(["install", "-d", "-m", mode, "-o", uid, "-g", gid, "--", str(path)])
+
+    return AsyncStep(
+        f"create {paths.config_dir}, {paths.pki_dir}, {paths.data_dir} (0700 {user})",
+        is_done,
+        run,
+    )
+
+
+def host_steps(
+    spec: ClusterSpec,
+    host: Host,
+    facts: HostFacts,
+    release: releases.Release,
+    want: Desired,
+) -> list[AsyncStep]:
+    paths = spec.host_paths
+    user = paths.user
+    unit = paths.unit.name
+    steps: list[AsyncStep] = []
+    distro = facts.distro
+    if distro.fragment and distro.fragment != str(paths.unit) and distro.switched_on:
+        steps.append(_distro_step(host, unit, distro.fragment))
+    steps.append(
+        _command_step(
+            host,
+            f"create system user {user}",
+            ["id", "-u", user],
+            [
+                [
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    str(paths.data_dir),
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    user,
+                ]
+            ],
+        )
+    )
+    steps.append(
+        AsyncStep(
+            f"install etcd {release.tag} into {releases.version_dir(paths, release)}",
+            lambda: releases.is_installed(host, paths, release),
+            lambda: releases.install(host, paths, release),
+        )
+    )
+    steps.append(
+        AsyncStep(
+            f"point {paths.bin_dir}/etcd{{,ctl,utl}} at {release.tag}",
+            lambda: releases.is_switched(host, paths, release),
+            lambda: releases.switch(host, paths, release),
+        )
+    )
+    steps.append(_dirs_step(host, paths))
+    for host_path, source, secret in want.pki:
+        mode, owner = (0o600, f"{user}:{user}") if secret else (0o644, "root:root")
+        steps.append(
+            file_step(
+                host,
+                f"write {host_path}",
+                host_path,
+                functools.partial(read_or_none, source),
+                mode,
+                owner,
+                secret,
+            )
+        )
+    env = systemd.env_file(paths)
+    steps.append(
+        file_step(host, f"write {env}", env, lambda: want.env_text.encode(), 0o640, f"root:{user}")
+    )
+    steps.append(
+        file_step(
+            host,
+            f"write {paths.unit}",
+            PurePosixPath(paths.unit),
+            lambda: want.unit_text.encode(),
+            0o644,
+            "root:root",
+        )
+    )
+
+    async def reloaded() -> bool:
+        state = await systemd.unit_state(host, unit)
+        return state.fragment == str(paths.unit) and not state.need_reload
+
+    steps.append(
+        AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host))
+    )
+    steps.append(
+        AsyncStep(
+            f"enable {unit}",
+            lambda: systemd.is_enabled(host, unit),
+            lambda: systemd.enable(host, unit),
+        )
+    )
+    return steps
+
+
+def _distro_step(host: Host, unit: str, fragment: str) -> AsyncStep:
+    """The distribution's own etcd unit would start a plain-http member: switch it off."""
+    if unit == DISTRO_UNIT:  # ours, in /etc/systemd/system, shadows the vendor file
+        title = f"stop and disable the distribution's {DISTRO_UNIT} ({fragment})"
+        action = systemd.disable_now
+    else:
+        title = f"mask the distribution's {DISTRO_UNIT} ({fragment})"
+        action = systemd.mask_now
+    return AsyncStep(
+        title, lambda: systemd.is_off(host, DISTRO_UNIT), lambda: action(host, DISTRO_UNIT)
+    )
