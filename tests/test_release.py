@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from etcdforge import release
+from etcdforge.binaries import parse_version
 from etcdforge.errors import BinaryError
 from etcdforge.fsutil import file_sha256
 from etcdforge.spec import EtcdSpec
 from tests.apply_helpers import ReleaseServer, build_tarball, publish, release_sources, serve
+from tests.helpers import DEBIAN_RELEASES, release_dir, require_tarball
 
 
 def test_url_is_downloaded_verified_against_sha256sums_and_cached(
@@ -102,6 +104,24 @@ def test_unpacked_release_directory_is_packed(tmp_path: Path) -> None:
     found = release.resolve(EtcdSpec(release=str(source)), tmp_path, cache=tmp_path / "c")
     assert found.version == (3, 4, 23)
     assert found.tarball.name == "etcd-v3.4.23-linux-amd64.tar"
+
+
+@pytest.mark.parametrize("version", DEBIAN_RELEASES)
+def test_debian_built_release_has_the_official_layout(
+    release_server: ReleaseServer, version: str, tmp_path: Path
+) -> None:
+    """test-env's repacked Debian builds pass for real releases, as a URL and unpacked."""
+    tarball = require_tarball(version)
+    wanted = parse_version(version)
+    served = release.resolve(
+        EtcdSpec(release=release_server.url(version)), tmp_path, tmp_path / "a"
+    )
+    assert served.version == wanted and served.sha256 == file_sha256(tarball)
+    tools = release.admin_tools(served, tmp_path / "a")
+    assert tools.name == f"etcd-v{version}-linux-amd64"
+    assert sorted(p.name for p in tools.iterdir()) == ["etcd", "etcdctl", "etcdutl"]
+    unpacked = EtcdSpec(release=str(release_dir(version)), version=version)
+    assert release.resolve(unpacked, tmp_path, cache=tmp_path / "b").version == wanted
 
 
 def test_a_tarball_whose_name_lies_is_refused(tmp_path: Path) -> None:

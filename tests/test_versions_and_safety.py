@@ -8,25 +8,44 @@ from pathlib import Path
 
 import pytest
 
+from etcdforge.binaries import check_version, find_etcd, parse_version
 from etcdforge.errors import ServiceError
 from etcdforge.ops.target import Selection
 from etcdforge.ops.up import up
 from etcdforge.record import read_record
 from etcdforge.services import local
 from tests.conftest import ClusterFactory
-from tests.helpers import etcd_pids_under, require_binary, spec_data, write_spec
+from tests.helpers import (
+    DEBIAN_RELEASES,
+    etcd_pids_under,
+    release_dir,
+    require_binary,
+    spec_data,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("version", ["3.4.23", "3.5.0", "3.5.1"])
+@pytest.mark.parametrize("version", ["3.4.23", "3.5.0", "3.5.1", *DEBIAN_RELEASES])
 def test_up_runs_each_supported_release(cluster_factory: ClusterFactory, version: str) -> None:
     cluster = cluster_factory(f"v{version.replace('.', '')}", version=version)
     rows = json.loads(cluster.cli("status", "-o", "json").stdout)
+    assert len(rows) == 3
     assert {r["version"] for r in rows} == {version}
     assert all(r["healthy"] for r in rows)
     assert cluster.etcdctl("put", "k", version).returncode == 0
     assert cluster.etcdctl("get", "k", "--print-value-only").stdout.strip() == version
+
+
+@pytest.mark.parametrize("version", DEBIAN_RELEASES)
+def test_debian_built_releases_are_detected_with_their_tools(version: str) -> None:
+    """Debian's builds print their version like the official ones and need no warning."""
+    found = find_etcd(require_binary(version))
+    assert found.version == parse_version(version)
+    assert found.etcdctl == release_dir(version) / "etcdctl"
+    assert found.etcdutl == release_dir(version) / "etcdutl"
+    assert check_version(found.version, dev_cluster=False, allow_unsafe=False) is None
 
 
 def test_each_cluster_gets_its_own_token_and_keeps_it(cluster_factory: ClusterFactory) -> None:
