@@ -24,6 +24,9 @@ from etcdforge import pki
 from etcdforge.client import EtcdClient, prefix_end, run
 from etcdforge.errors import EtcdClientError
 from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write, ensure_dir
+from etcdforge.kubeadm import KubeadmPaths
+from etcdforge.ops.kubeadm_migrate import migrate as migrate_op
+from etcdforge.ops.target import Selection
 from etcdforge.services import local
 from etcdforge.spec import KeyAlgorithm
 from etcdforge.tls import TLSFiles
@@ -404,10 +407,6 @@ def test_interrupted_migration_resumes(
     stacked: tuple[Stacked, dict[bytes, bytes]],
 ) -> None:
     """Stop a migration after the first member is restored; a rerun finishes the rest."""
-    from etcdforge.kubeadm import KubeadmPaths
-    from etcdforge.ops.kubeadm import migrate as migrate_op
-    from etcdforge.ops.target import Selection
-
     source, expected = stacked
     target = cluster_factory("resume")
     seen: list[str] = []

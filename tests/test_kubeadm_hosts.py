@@ -23,8 +23,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from etcdforge import kubeadm, pki
 from etcdforge.client import EtcdClient, prefix_end
 from etcdforge.kubeadm import KubeadmError, parse_control_plane
-from etcdforge.ops.kubeadm import CHECK_PREFIX, openssl_reason
+from etcdforge.ops.kubeadm_certs import CHECK_PREFIX
 from etcdforge.ops.target import Selection, record_for
+from etcdforge.relay import openssl_reason
 from etcdforge.spec import KeyAlgorithm
 from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
 from tests.fleet import Host

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from etcdforge.kubeadm import KubeadmPaths
+from etcdforge.ops.kubeadm_migrate import migrate as migrate_op
+from etcdforge.ops.target import Selection
 from etcdforge.tls import TLSFiles
 from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
 from tests.fleet import Host
@@ -172,10 +175,6 @@ def test_interrupted_replace_on_hosts_resumes(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed after etcd-1 is restored: members stay down, the rerun finishes with that snapshot."""
-    from etcdforge.kubeadm import KubeadmPaths
-    from etcdforge.ops.kubeadm import migrate as migrate_op
-    from etcdforge.ops.target import Selection
-
     for key, value in setup.env.items():
         monkeypatch.setenv(key, value)
 

@@ -14,7 +14,8 @@ from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, 
 
 if TYPE_CHECKING:
     from etcdforge.hosts import SSHTarget
-    from etcdforge.ops.kubeadm import CheckRow, ClusterEndpoints
+    from etcdforge.ops.kubeadm_certs import CheckRow
+    from etcdforge.ops.kubeadm_config import ClusterEndpoints
     from etcdforge.ops.target import Selection
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,7 +81,7 @@ def config_cmd(
     selection: Selection, paths: Any, api: str | None, merge: Path | None, dry_run: bool
 ) -> None:
     """Print a ClusterConfiguration whose etcd.external points at this cluster."""
-    from etcdforge.ops.kubeadm import config
+    from etcdforge.ops.kubeadm_config import config
 
     result = config(selection, paths, api, merge, dry_run)
     _endpoint_warning(result.endpoints)
@@ -105,7 +106,7 @@ def config_cmd(
 @path_options
 def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
     """Print the kube-apiserver --etcd-* flags for control planes not made by kubeadm."""
-    from etcdforge.ops.kubeadm import apiserver_flags
+    from etcdforge.ops.kubeadm_config import apiserver_flags
 
     flags, found = apiserver_flags(selection, paths)
     _endpoint_warning(found)
@@ -178,7 +179,7 @@ def certs_cmd(
     key is 0600 and the CA key is never copied. With --control-plane, every host is logged in to
     and checked (root via sudo) before any is changed, and --check runs from each host.
     """
-    from etcdforge.ops.kubeadm import LocalInstallation, certs, certs_on_hosts
+    from etcdforge.ops.kubeadm_certs import LocalInstallation, certs, certs_on_hosts
 
     if out is None and not control_planes:
         raise click.UsageError("give --out DIR or --control-plane HOST")
@@ -286,7 +287,7 @@ def migrate_cmd(
     Stop every kube-apiserver first. Snapshot, verify, restore into every member, compare
     every /registry/ key and value with the source, then print the kubeadm config to switch to.
     """
-    from etcdforge.ops.kubeadm import migrate
+    from etcdforge.ops.kubeadm_migrate import migrate
 
     result = migrate(
         selection, source, source_pki, paths, api, replace, not no_bump, dry_run, progress_printer()
