@@ -228,8 +228,8 @@ def certs_cmd(
 
 def _targets(values: tuple[str, ...], defaults: dict[str, Any]) -> list[SSHTarget]:
     """Every --control-plane parsed and validated before any host is contacted."""
+    from etcdforge.host_logins import ssh_target
     from etcdforge.kubeadm import parse_control_plane
-    from etcdforge.ops.apply import ssh_target
 
     targets = []
     for value in values:

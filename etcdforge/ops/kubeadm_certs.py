@@ -24,14 +24,13 @@ from etcdforge import kubeadm, pki
 from etcdforge.client import EtcdClient, run
 from etcdforge.errors import EtcdClientError, PreflightError
 from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write
+from etcdforge.host_logins import close_all
 from etcdforge.hosts import Host, SSHHost, SSHTarget, fan_out
 from etcdforge.kubeadm import KubeadmError
 from etcdforge.ops import preflight
-from etcdforge.ops.apply import close_all
 from etcdforge.ops.kubeadm_config import ClusterEndpoints, cluster_endpoints
 from etcdforge.ops.plan import PlanResult, Progress, Step, execute
-from etcdforge.ops.restore import record_spec
-from etcdforge.ops.target import Selection, record_for
+from etcdforge.ops.target import Selection, deployed_spec, record_for
 from etcdforge.record import ClusterRecord
 from etcdforge.relay import RelayTransport
 from etcdforge.tls import TLSFiles
@@ -138,7 +137,7 @@ async def check_with(
 
 def install_steps(record: ClusterRecord, installation: Installation) -> list[Step]:
     """The etcd CA certificate (never its key) and an apiserver-etcd-client pair of its own."""
-    spec = record_spec(record)
+    spec = deployed_spec(record)
     layout = record.layout
     where = installation.name
 
