@@ -14,12 +14,9 @@ them), a leaf never outlives its CA, and a CA defaults to 10 years (cfssl: 5).
 from __future__ import annotations
 
 import datetime as dt
-import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,8 +25,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from etcdforge import pki
 from etcdforge.errors import PKIError
-
-JSONPath = tuple[str | int, ...]
+from etcdforge.jsondoc import (
+    JSONDoc,
+    JSONPath,
+    check_keys,
+    expect,
+    get,
+    parse_json,
+    positive_duration,
+)
 
 #: cfssl's key usage strings (config.go KeyUsage), including its "content committment" typo.
 KEY_USAGES: dict[str, str] = {
@@ -111,157 +115,6 @@ EC_CURVES: dict[int, ec.EllipticCurve] = {
     521: ec.SECP521R1(),
 }
 MAX_RSA_BITS = 8192
-GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-GO_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-# --- JSON with positions -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JSONDoc:
-    """Parsed JSON that remembers where each value starts, for errors with line:column."""
-
-    source: str
-    text: str
-    data: Any
-    offsets: Mapping[JSONPath, int]
-    key_offsets: Mapping[JSONPath, int]
-
-    def where(self, path: JSONPath = (), key: bool = False) -> str:
-        offset = (self.key_offsets if key else self.offsets).get(path, 0)
-        line = self.text.count("\n", 0, offset) + 1
-        column = offset - (self.text.rfind("\n", 0, offset) + 1) + 1
-        return f"{self.source}:{line}:{column}"
-
-    def error(self, path: JSONPath, message: str) -> PKIError:
-        field = _format_path(path)
-        return PKIError(f"{self.where(path)}: {field + ': ' if field else ''}{message}")
-
-
-def _format_path(path: JSONPath) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def parse_json(text: str, source: str) -> JSONDoc:
-    """Decode JSON; a syntax error names the file, line and column."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PKIError(
-            f"{source}:{exc.lineno}:{exc.colno}: malformed JSON ({exc.msg}); fix the syntax"
-        ) from None
-    offsets, key_offsets = _offsets(text)
-    return JSONDoc(source, text, data, offsets, key_offsets)
-
-
-def _offsets(text: str) -> tuple[dict[JSONPath, int], dict[JSONPath, int]]:
-    """Start offsets of every value and object key, by path (for text json.loads accepted)."""
-    decoder = json.JSONDecoder()
-    offsets: dict[JSONPath, int] = {}
-    key_offsets: dict[JSONPath, int] = {}
-    whitespace = " \t\n\r"
-
-    def skip(i: int) -> int:
-        while i < len(text) and text[i] in whitespace:
-            i += 1
-        return i
-
-    def value(i: int, path: JSONPath) -> int:
-        i = skip(i)
-        offsets[path] = i
-        opener = text[i]
-        if opener not in "{[":
-            return decoder.raw_decode(text, i)[1]
-        closer = "}" if opener == "{" else "]"
-        i = skip(i + 1)
-        index = 0
-        while text[i] != closer:
-            if opener == "{":
-                start = i
-                key, i = decoder.raw_decode(text, i)
-                key_offsets[(*path, key)] = start
-                i = skip(i) + 1  # the colon
-                i = value(i, (*path, key))
-            else:
-                i = value(i, (*path, index))
-                index += 1
-            i = skip(i)
-            if text[i] == ",":
-                i = skip(i + 1)
-        return i + 1
-
-    value(0, ())
-    return offsets, key_offsets
-
-
-def _get(doc: JSONDoc, path: JSONPath) -> Any:
-    current = doc.data
-    for part in path:
-        current = current[part]
-    return current
-
-
-def _expect(doc: JSONDoc, path: JSONPath, kind: type | tuple[type, ...], what: str) -> Any:
-    value = _get(doc, path)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise doc.error(path, f"expected {what}, found {json.dumps(value)}")
-    return value
-
-
-def _check_keys(doc: JSONDoc, path: JSONPath, known: frozenset[str], what: str) -> None:
-    for key in _get(doc, path):
-        if key not in known:
-            where = (
-                f"{doc.where((*path, key), key=True)}: {_format_path(path) + ': ' if path else ''}"
-            )
-            raise PKIError(
-                f"{where}unknown {what} key {key!r}; known keys: {', '.join(sorted(known))}"
-            )
-
-
-def parse_duration(text: str) -> dt.timedelta | None:
-    """Go's time.ParseDuration (what cfssl uses for expiry): "8760h", "1h30m", "90s"."""
-    if not text:
-        return None
-    sign = -1 if text.startswith("-") else 1
-    body = text.lstrip("+-")
-    if body == "0":
-        return dt.timedelta(0)
-    position = 0
-    seconds = 0.0
-    for match in GO_DURATION.finditer(body):
-        if match.start() != position:
-            return None
-        seconds += float(match.group(1)) * GO_UNITS[match.group(2)]
-        position = match.end()
-    if position != len(body) or position == 0:
-        return None
-    return dt.timedelta(seconds=sign * seconds)
-
-
-def _duration(doc: JSONDoc, path: JSONPath) -> dt.timedelta:
-    text = _expect(doc, path, str, 'a duration string such as "8760h"')
-    duration = parse_duration(text)
-    if duration is None or duration <= dt.timedelta(0):
-        raise doc.error(
-            path,
-            f'{text!r} is not a positive Go duration; use hours, e.g. "8760h" for a year '
-            "(units: h, m, s; no d or y)",
-        )
-    return duration
 
 
 # --- ca-config.json ------------------------------------------------------------------------
@@ -315,15 +168,15 @@ def key_usage_from(names: Sequence[str]) -> x509.KeyUsage | None:
 
 
 def _profile(doc: JSONDoc, path: JSONPath, name: str, fallback: dt.timedelta) -> Profile:
-    _expect(doc, path, dict, "an object with usages and expiry")
-    _check_keys(doc, path, PROFILE_KEYS, "profile")
-    profile = _get(doc, path)
+    expect(doc, path, dict, "an object with usages and expiry")
+    check_keys(doc, path, PROFILE_KEYS, "profile")
+    profile = get(doc, path)
     usages: list[str] = []
     if "usages" in profile:
-        _expect(doc, (*path, "usages"), list, "a list of usage strings")
+        expect(doc, (*path, "usages"), list, "a list of usage strings")
         for index, usage in enumerate(profile["usages"]):
             item = (*path, "usages", index)
-            _expect(doc, item, str, "a usage string")
+            expect(doc, item, str, "a usage string")
             if usage not in KEY_USAGES and usage not in EXT_KEY_USAGES:
                 raise doc.error(
                     item,
@@ -337,7 +190,7 @@ def _profile(doc: JSONDoc, path: JSONPath, name: str, fallback: dt.timedelta) ->
             (*path, "ca_constraint"),
             "signing intermediate CAs is not supported; etcd needs only a root CA and leaves",
         )
-    expiry = _duration(doc, (*path, "expiry")) if "expiry" in profile else fallback
+    expiry = positive_duration(doc, (*path, "expiry")) if "expiry" in profile else fallback
     return Profile(
         name=name,
         usages=tuple(usages),
@@ -352,12 +205,12 @@ def _profile(doc: JSONDoc, path: JSONPath, name: str, fallback: dt.timedelta) ->
 def parse_config(text: str, source: str) -> SigningConfig:
     """A cfssl ca-config.json: `signing.default` and `signing.profiles` with usages and expiry."""
     doc = parse_json(text, source)
-    _expect(doc, (), dict, 'an object with a "signing" section')
-    _check_keys(doc, (), CONFIG_KEYS, "config")
+    expect(doc, (), dict, 'an object with a "signing" section')
+    check_keys(doc, (), CONFIG_KEYS, "config")
     if "signing" not in doc.data:
         raise doc.error((), 'no "signing" section; add {"signing": {"default": {...}}}')
-    _expect(doc, ("signing",), dict, "an object with default and profiles")
-    _check_keys(doc, ("signing",), SIGNING_KEYS, "signing")
+    expect(doc, ("signing",), dict, "an object with default and profiles")
+    check_keys(doc, ("signing",), SIGNING_KEYS, "signing")
     signing = doc.data["signing"]
     if "default" in signing:
         # As in cfssl, a default without usages only lends its expiry to the profiles.
@@ -373,7 +226,7 @@ def parse_config(text: str, source: str) -> SigningConfig:
     profiles: dict[str, Profile] = {}
     profiles_path: JSONPath = ("signing", "profiles") if "profiles" in signing else ("signing",)
     if "profiles" in signing:
-        _expect(doc, profiles_path, dict, "an object of named profiles")
+        expect(doc, profiles_path, dict, "an object of named profiles")
         for name in signing["profiles"]:
             profile = _profile(doc, (*profiles_path, name), name, default.expiry)
             if not profile.usages:
@@ -405,12 +258,12 @@ def _subject(doc: JSONDoc, common_name: str) -> x509.Name:
     """As Go's pkix.Name: C, ST, L, O, OU (and E, SerialNumber) from every entry, then CN."""
     attributes: dict[str, list[str]] = {key: [] for key in NAME_ATTRIBUTES}
     if "names" in doc.data:
-        _expect(doc, ("names",), list, "a list of name objects")
+        expect(doc, ("names",), list, "a list of name objects")
         for index, entry in enumerate(doc.data["names"]):
-            _expect(doc, ("names", index), dict, 'an object such as {"O": "k8s"}')
-            _check_keys(doc, ("names", index), frozenset(NAME_ATTRIBUTES), "names")
+            expect(doc, ("names", index), dict, 'an object such as {"O": "k8s"}')
+            check_keys(doc, ("names", index), frozenset(NAME_ATTRIBUTES), "names")
             for key, value in entry.items():
-                _expect(doc, ("names", index, key), str, "a string")
+                expect(doc, ("names", index, key), str, "a string")
                 if value:
                     attributes[key].append(value)
     order = ("C", "ST", "L", "O", "OU", "E", "SerialNumber")
@@ -424,18 +277,18 @@ def _subject(doc: JSONDoc, common_name: str) -> x509.Name:
 def _key_request(doc: JSONDoc) -> tuple[str, int]:
     if "key" not in doc.data:
         return "ecdsa", 256
-    _expect(doc, ("key",), dict, 'an object such as {"algo": "ecdsa", "size": 256}')
-    _check_keys(doc, ("key",), frozenset({"algo", "size"}), "key")
+    expect(doc, ("key",), dict, 'an object such as {"algo": "ecdsa", "size": 256}')
+    check_keys(doc, ("key",), frozenset({"algo", "size"}), "key")
     algo = doc.data["key"].get("algo", "ecdsa")
     if "algo" in doc.data["key"]:
-        _expect(doc, ("key", "algo"), str, '"rsa" or "ecdsa"')
+        expect(doc, ("key", "algo"), str, '"rsa" or "ecdsa"')
     if algo not in ("rsa", "ecdsa"):
         raise doc.error(
             ("key", "algo"), f'unsupported key algorithm {algo!r}; use "rsa" or "ecdsa"'
         )
     size = doc.data["key"].get("size", 2048 if algo == "rsa" else 256)
     if "size" in doc.data["key"]:
-        _expect(doc, ("key", "size"), int, "a key size in bits")
+        expect(doc, ("key", "size"), int, "a key size in bits")
     if algo == "rsa" and size < pki.MIN_RSA_BITS:
         raise doc.error(
             ("key", "size"),
@@ -451,10 +304,10 @@ def _key_request(doc: JSONDoc) -> tuple[str, int]:
 def _hosts(doc: JSONDoc) -> tuple[str, ...]:
     if "hosts" not in doc.data or doc.data["hosts"] is None:
         return ()
-    _expect(doc, ("hosts",), list, "a list of IP addresses and DNS names")
+    expect(doc, ("hosts",), list, "a list of IP addresses and DNS names")
     hosts = []
     for index, host in enumerate(doc.data["hosts"]):
-        _expect(doc, ("hosts", index), str, "an IP address or DNS name")
+        expect(doc, ("hosts", index), str, "an IP address or DNS name")
         try:
             pki.san_entries([host])
         except PKIError:
@@ -469,23 +322,23 @@ def _hosts(doc: JSONDoc) -> tuple[str, ...]:
 def parse_csr(text: str, source: str) -> CSRRequest:
     """A cfssl CSR JSON: CN, hosts, key {algo, size}, names [C, ST, L, O, OU], ca {expiry}."""
     doc = parse_json(text, source)
-    _expect(doc, (), dict, "a CSR object with CN, hosts, key and names")
-    _check_keys(doc, (), CSR_KEYS, "CSR")
+    expect(doc, (), dict, "a CSR object with CN, hosts, key and names")
+    check_keys(doc, (), CSR_KEYS, "CSR")
     common_name = doc.data.get("CN")
     if not common_name:
         raise doc.error(() if "CN" not in doc.data else ("CN",), 'the CSR has no CN; add "CN"')
-    _expect(doc, ("CN",), str, "a common name string")
+    expect(doc, ("CN",), str, "a common name string")
     algo, size = _key_request(doc)
     ca_expiry: dt.timedelta | None = None
     path_length: int | None = None
     if "ca" in doc.data and doc.data["ca"] is not None:
-        _expect(doc, ("ca",), dict, 'an object such as {"expiry": "87600h"}')
-        _check_keys(doc, ("ca",), frozenset({"expiry", "pathlen", "pathlenzero", "backdate"}), "ca")
+        expect(doc, ("ca",), dict, 'an object such as {"expiry": "87600h"}')
+        check_keys(doc, ("ca",), frozenset({"expiry", "pathlen", "pathlenzero", "backdate"}), "ca")
         ca = doc.data["ca"]
         if "expiry" in ca:
-            ca_expiry = _duration(doc, ("ca", "expiry"))
+            ca_expiry = positive_duration(doc, ("ca", "expiry"))
         if "pathlen" in ca:
-            path_length = _expect(doc, ("ca", "pathlen"), int, "a path length") or None
+            path_length = expect(doc, ("ca", "pathlen"), int, "a path length") or None
         if path_length is None and ca.get("pathlenzero"):
             path_length = 0
     return CSRRequest(

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from etcdforge.errors import HostError
 
@@ -89,33 +89,12 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-class Host(Protocol):
-    """A machine etcdforge changes. `label` names it in every error ("etcd-2 (10.0.0.12)")."""
+class Host:
+    """A machine etcdforge changes. `label` names it in every error ("etcd-2 (10.0.0.12)").
 
-    label: str
-
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        input: bytes | None = None,
-        check: bool = True,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> CommandResult: ...
-
-    async def read_file(self, path: PurePosixPath) -> bytes | None: ...
-
-    async def file_state(self, path: PurePosixPath) -> FileState | None: ...
-
-    async def write_file(
-        self, path: PurePosixPath, data: bytes, mode: int, owner: str = "root:root"
-    ) -> bool: ...
-
-    async def close(self) -> None: ...
-
-
-class ShellHost:
-    """Everything but command transport: argv quoting, sudo, files. Subclasses run the string."""
+    Everything but the command transport lives here: argv quoting, sudo, atomic file writes.
+    Subclasses (`LocalHost`, `SSHHost`) only run the command string.
+    """
 
     def __init__(self, label: str, sudo: bool) -> None:
         self.label = label
@@ -194,7 +173,7 @@ def _short(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
-class LocalHost(ShellHost):
+class LocalHost(Host):
     """This machine, through /bin/sh: the admin machine as a host, and the unit tests' host."""
 
     def __init__(self, label: str = "localhost", sudo: bool = False) -> None:
@@ -235,7 +214,7 @@ class SSHTarget:
     connect_timeout: float = 10.0
 
 
-class SSHHost(ShellHost):
+class SSHHost(Host):
     """A host reached with asyncssh: one connection, one channel per command, host key checked."""
 
     def __init__(self, target: SSHTarget, connection: object) -> None:

@@ -32,80 +32,44 @@ def resolve_state_dir(cluster: str, explicit: Path | None = None) -> Path:
     return (explicit if explicit is not None else state_home() / cluster).absolute()
 
 
+class InDir:
+    """A file at a fixed name inside one of the owner's directories (a read-only attribute)."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.directory = directory
+        self.name = name
+
+    def __get__(self, owner: object, kind: type | None = None) -> Path:
+        if owner is None:
+            raise AttributeError(f"{self.name} is a path of a layout instance")
+        directory: Path = getattr(owner, self.directory)
+        return directory / self.name
+
+
 @dataclass(frozen=True)
 class MemberFiles:
-    """Where a member finds its data and TLS files, on whatever machine it runs."""
+    """Where a member finds its data and TLS files, on whatever machine it runs.
+
+    The same file names everywhere: the local state dir and every host use this layout.
+    """
 
     data_dir: Path
-    server_cert: Path
-    server_key: Path
-    peer_cert: Path
-    peer_key: Path
-    trusted_ca: Path
-    peer_trusted_ca: Path
+    pki_dir: Path
 
-    @classmethod
-    def in_dirs(cls, pki_dir: Path, data_dir: Path) -> MemberFiles:
-        """The same file names everywhere: the local state dir and every host use this layout."""
-        return cls(
-            data_dir=data_dir,
-            server_cert=pki_dir / "server.crt",
-            server_key=pki_dir / "server.key",
-            peer_cert=pki_dir / "peer.crt",
-            peer_key=pki_dir / "peer.key",
-            trusted_ca=pki_dir / "ca.crt",
-            peer_trusted_ca=pki_dir / "peer-ca.crt",
-        )
+    server_cert, server_key = InDir("pki_dir", "server.crt"), InDir("pki_dir", "server.key")
+    peer_cert, peer_key = InDir("pki_dir", "peer.crt"), InDir("pki_dir", "peer.key")
+    trusted_ca, peer_trusted_ca = InDir("pki_dir", "ca.crt"), InDir("pki_dir", "peer-ca.crt")
 
 
 @dataclass(frozen=True)
-class MemberLayout:
-    root: Path
-    data_dir: Path
+class MemberLayout(MemberFiles):
+    """A local member: its files under `<state>/members/<name>/`."""
 
-    @property
-    def pki_dir(self) -> Path:
-        return self.root / "pki"
+    root: Path = Path()
 
-    @property
-    def files(self) -> MemberFiles:
-        return MemberFiles.in_dirs(self.pki_dir, self.data_dir)
-
-    @property
-    def server_cert(self) -> Path:
-        return self.files.server_cert
-
-    @property
-    def server_key(self) -> Path:
-        return self.files.server_key
-
-    @property
-    def peer_cert(self) -> Path:
-        return self.files.peer_cert
-
-    @property
-    def peer_key(self) -> Path:
-        return self.files.peer_key
-
-    @property
-    def trusted_ca(self) -> Path:
-        return self.files.trusted_ca
-
-    @property
-    def peer_trusted_ca(self) -> Path:
-        return self.files.peer_trusted_ca
-
-    @property
-    def flags_file(self) -> Path:
-        return self.root / "etcd.flags"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.root / "etcd.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "etcd.log"
+    flags_file = InDir("root", "etcd.flags")
+    pid_file = InDir("root", "etcd.pid")
+    log_file = InDir("root", "etcd.log")
 
 
 @dataclass(frozen=True)
@@ -114,43 +78,18 @@ class StateLayout:
     data_root: Path | None = None
     pki_root: Path | None = None  # the spec's cert_dir: CA keys somewhere better guarded
 
-    @property
-    def cluster_file(self) -> Path:
-        return self.root / "cluster.json"
+    cluster_file = InDir("root", "cluster.json")
+    members_dir = InDir("root", "members")
+    # The CA keys live here and nowhere else: members get the CA certificates only.
+    ca_cert, ca_key = InDir("pki_dir", "ca.crt"), InDir("pki_dir", "ca.key")
+    peer_ca_cert, peer_ca_key = InDir("pki_dir", "peer-ca.crt"), InDir("pki_dir", "peer-ca.key")
+    admin_cert, admin_key = InDir("pki_dir", "admin.crt"), InDir("pki_dir", "admin.key")
 
     @property
     def pki_dir(self) -> Path:
         return self.pki_root if self.pki_root is not None else self.root / "pki"
 
-    @property
-    def ca_cert(self) -> Path:
-        return self.pki_dir / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.pki_dir / "ca.key"
-
-    @property
-    def peer_ca_cert(self) -> Path:
-        return self.pki_dir / "peer-ca.crt"
-
-    @property
-    def peer_ca_key(self) -> Path:
-        return self.pki_dir / "peer-ca.key"
-
-    @property
-    def admin_cert(self) -> Path:
-        return self.pki_dir / "admin.crt"
-
-    @property
-    def admin_key(self) -> Path:
-        return self.pki_dir / "admin.key"
-
-    @property
-    def members_dir(self) -> Path:
-        return self.root / "members"
-
     def member(self, name: str) -> MemberLayout:
         root = self.members_dir / name
         data = (self.data_root / name) if self.data_root is not None else root / "data"
-        return MemberLayout(root=root, data_dir=data)
+        return MemberLayout(data_dir=data, pki_dir=root / "pki", root=root)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from enum import StrEnum
+from typing import Protocol, TypeVar
+
+from etcdforge.errors import EtcdforgeError
 
 HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 #: Cluster and member names become file and directory names.
@@ -45,3 +49,28 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=Named)
+
+
+def find_member(members: Sequence[N], name: str) -> N | None:
+    return next((m for m in members if m.name == name), None)
+
+
+def unknown_member(members: Sequence[Named], name: str, cluster: str) -> str:
+    """The one message for a member name that is not in the cluster."""
+    known = ", ".join(m.name for m in members)
+    return f"no member named {name!r} in cluster {cluster} (members: {known})"
+
+
+def require_member(members: Sequence[N], name: str, cluster: str, error: type[EtcdforgeError]) -> N:
+    found = find_member(members, name)
+    if found is None:
+        raise error(unknown_member(members, name, cluster))
+    return found

@@ -300,11 +300,16 @@ def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise PKIError(f"{path}: {what} file not found") from None
+
+
 def load_cert(path: Path) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise PKIError(f"{path}: certificate file not found") from None
+        return x509.load_pem_x509_certificate(_read_pem(path, "certificate"))
     except ValueError:
         raise PKIError(f"{path}: not a PEM certificate") from None
 
@@ -312,9 +317,7 @@ def load_cert(path: Path) -> x509.Certificate:
 def load_certs(path: Path) -> list[x509.Certificate]:
     """A trust bundle may hold several CAs (during CA rotation)."""
     try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except FileNotFoundError:
-        raise PKIError(f"{path}: certificate file not found") from None
+        return x509.load_pem_x509_certificates(_read_pem(path, "certificate"))
     except ValueError:
         raise PKIError(f"{path}: not a PEM certificate bundle") from None
 

@@ -15,6 +15,7 @@ from typing import Any
 from etcdforge.errors import StateError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write
 from etcdforge.layout import StateLayout
+from etcdforge.names import require_member
 from etcdforge.tls import TLSFiles
 
 RECORD_VERSION = 1
@@ -118,13 +119,6 @@ class ClusterRecord:
         """Members run on real hosts (deployed by `apply`), not as local processes."""
         return self.deployed.on_hosts
 
-    def member(self, name: str) -> MemberRecord:
-        for member in self.members:
-            if member.name == name:
-                return member
-        known = ", ".join(m.name for m in self.members)
-        raise StateError(f"no member named {name!r} in cluster {self.name} (members: {known})")
-
     @property
     def endpoints(self) -> list[str]:
         return [m.client_url for m in self.members]
@@ -139,6 +133,9 @@ class ClusterRecord:
             if member.client_url == client_url:
                 return member.name
         return "?"
+
+    def member(self, name: str) -> MemberRecord:
+        return require_member(self.members, name, self.name, StateError)
 
     def to_json(self) -> bytes:
         payload = {"record_version": RECORD_VERSION, **asdict(self)}

@@ -49,10 +49,11 @@ class Release:
 
     @property
     def tag(self) -> str:
-        return f"v{format_version(self.version)}"
+        return f"v{format_version(self.version)}"  # as releases and host directories name it
 
     @property
     def top_dir(self) -> str:
+        """The tarball's one top directory, as the official releases are packed."""
         return f"etcd-{self.tag}-linux-amd64"
 
 
@@ -346,3 +347,18 @@ async def switch(host: Host, paths: HostPathsSpec, release: Release) -> None:
                 f"{host.label}: cannot link {link} to {target}: {last_line(result.err)}; "
                 "check host_paths.bin_dir"
             )
+
+
+async def our_links(host: Host, paths: HostPathsSpec) -> list[str]:
+    """The links in bin_dir that point into our releases (others' binaries are left alone)."""
+    found = []
+    for link, target in _links(paths):
+        result = await host.run(["readlink", link], check=False)
+        if result.code == 0 and result.out.strip() == target:
+            found.append(link)
+    return found
+
+
+async def remove_links(host: Host, paths: HostPathsSpec) -> None:
+    for link in await our_links(host, paths):
+        await host.run(["rm", "-f", "--", link])

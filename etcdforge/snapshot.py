@@ -39,6 +39,8 @@ class SnapshotError(EtcdforgeError):
 
 @dataclass(frozen=True)
 class SnapshotTools:
+    """The admin machine's etcdctl/etcdutl of the cluster's own version (formats change)."""
+
     etcdctl: Path
     etcdutl: Path | None
     version: Version
@@ -51,6 +53,8 @@ class SnapshotTools:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
+    """`snapshot status`: how a verified snapshot file is identified and how big it is."""
+
     hash: int
     revision: int
     total_keys: int
@@ -59,6 +63,8 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class RestoreFeatures:
+    """What a restore tool's `--help` offers: revision bump and compaction (3.5.10+/3.4.27+)."""
+
     bump_revision: bool
     mark_compacted: bool
 
@@ -69,6 +75,8 @@ class RestoreFeatures:
 
 @dataclass(frozen=True)
 class Fingerprint:
+    """Key count and a sha256 over every key and value under a prefix, at one revision."""
+
     count: int
     sha256: str
     revision: int
@@ -205,40 +213,36 @@ def status(tools: SnapshotTools, path: Path) -> SnapshotInfo:
         raise SnapshotError(f"{path}: `snapshot status` printed no readable status") from None
 
 
+@dataclass(frozen=True)
+class RestoredMember:
+    """Who a restored data dir belongs to: every member of one restore shares the cluster and
+    token, so they agree on one new cluster ID."""
+
+    name: str
+    initial_cluster: str
+    token: str
+    peer_url: str
+
+
 def restore(
     tools: SnapshotTools,
     snapshot: Path,
     data_dir: Path,
-    name: str,
-    initial_cluster: str,
-    token: str,
-    peer_url: str,
+    member: RestoredMember,
     bump_revision: int = 0,
 ) -> None:
     """Restore one member's data dir (which must not exist yet) from `snapshot`."""
     if data_dir.exists():
         raise SnapshotError(f"{data_dir}: already exists; a restore needs a fresh data dir")
-    argv = restore_argv(
-        str(tools.restorer),
-        snapshot,
-        data_dir,
-        name,
-        initial_cluster,
-        token,
-        peer_url,
-        bump_revision,
-    )
-    _run(argv, f"restore of {name}")
+    argv = restore_argv(str(tools.restorer), snapshot, data_dir, member, bump_revision)
+    _run(argv, f"restore of {member.name}")
 
 
 def restore_argv(
     restorer: str,
     snapshot: PurePath,
     data_dir: PurePath,
-    name: str,
-    initial_cluster: str,
-    token: str,
-    peer_url: str,
+    member: RestoredMember,
     bump_revision: int = 0,
 ) -> list[str]:
     """The restore command line, for this machine or a host (paths are the tool's side)."""
@@ -248,10 +252,10 @@ def restore_argv(
         "restore",
         str(snapshot),
         f"--data-dir={data_dir}",
-        f"--name={name}",
-        f"--initial-cluster={initial_cluster}",
-        f"--initial-cluster-token={token}",
-        f"--initial-advertise-peer-urls={peer_url}",
+        f"--name={member.name}",
+        f"--initial-cluster={member.initial_cluster}",
+        f"--initial-cluster-token={member.token}",
+        f"--initial-advertise-peer-urls={member.peer_url}",
     ]
     if bump_revision:
         argv += [f"--bump-revision={bump_revision}", "--mark-compacted"]

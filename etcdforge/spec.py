@@ -28,6 +28,7 @@ from etcdforge.names import KeyAlgorithm as KeyAlgorithm
 from etcdforge.names import is_hostname as is_hostname
 from etcdforge.names import is_ip as is_ip
 from etcdforge.names import is_loopback as is_loopback
+from etcdforge.names import require_member
 
 MAX_MEMBERS = 7
 DEFAULT_MEMBER_COUNTS = (1, 3, 5, 7)
@@ -104,6 +105,7 @@ class MemberSpec(_Strict):
 
     @property
     def client_url(self) -> str:
+        """https only: there is never a plain-http listener, not even on loopback."""
         return f"https://{url_host(self.address)}:{self.client_port}"
 
     @property
@@ -235,11 +237,7 @@ class ClusterSpec(_Strict):
         return self.members[0].ssh is not None
 
     def member(self, name: str) -> MemberSpec:
-        for member in self.members:
-            if member.name == name:
-                return member
-        known = ", ".join(m.name for m in self.members)
-        raise SpecError(f"no member named {name!r} in cluster {self.name} (members: {known})")
+        return require_member(self.members, name, self.name, SpecError)
 
     @property
     def client_endpoints(self) -> list[str]:

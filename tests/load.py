@@ -7,6 +7,7 @@ certificate, so "0 lost writes" means the same thing in every test that claims i
 from __future__ import annotations
 
 import base64
+import itertools
 import ssl
 import threading
 import time
@@ -55,6 +56,7 @@ class WriteLoad:
         self.endpoints, self.admin_files, self.prefix = endpoints, admin_files, prefix
         self.fresh_connections, self.reload = fresh_connections, reload
         self.acked: list[str] = []
+        self.ack_times: list[float] = []  # time.monotonic() of each acknowledgement
         self.failures: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -95,5 +97,46 @@ class WriteLoad:
                 time.sleep(0.05)
                 continue
             self.acked.append(key)
+            self.ack_times.append(time.monotonic())
             index += 1
         client.close()
+
+    def longest_stall(self, start: float | None = None, end: float | None = None) -> float:
+        """The longest gap between two acknowledged writes (within [start, end] if given)."""
+        times = [t for t in self.ack_times if (start is None or t >= start)]
+        times = [t for t in times if end is None or t <= end]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+    def missing(self, endpoints: list[str]) -> dict[str, int]:
+        """Per member, how many acknowledged keys it does not hold (read from that member alone,
+        serializable), so a write acknowledged but lost on any member is counted."""
+        wanted = set(self.acked)
+        counts = {}
+        with self._client() as client:
+            for endpoint in endpoints:
+                counts[endpoint] = len(wanted - read_keys(client, endpoint, self.prefix))
+        return counts
+
+
+def read_keys(client: httpx.Client, endpoint: str, prefix: str) -> set[str]:
+    """Every key under `prefix/` on one member (paged, bounded)."""
+    start = f"{prefix}/".encode()
+    end = f"{prefix}0".encode()  # "/" + 1
+    keys: set[str] = set()
+    for _ in range(MAX_REQUESTS // 1000 + 2):
+        body = {
+            "key": base64.b64encode(start).decode(),
+            "range_end": base64.b64encode(end).decode(),
+            "keys_only": True,
+            "serializable": True,
+            "limit": 1000,
+        }
+        response = client.post(f"{endpoint}/v3/kv/range", json=body)
+        response.raise_for_status()
+        payload = response.json()
+        batch = [base64.b64decode(kv["key"]) for kv in payload.get("kvs", [])]
+        keys.update(k.decode() for k in batch)
+        if not payload.get("more") or not batch:
+            break
+        start = batch[-1] + b"\0"
+    return keys

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from etcdforge import cfssl, pki
+from etcdforge import cfssl, jsondoc, pki
 from etcdforge.errors import PKIError
 from tests.helpers import run_cli, write_spec
 
@@ -149,7 +149,7 @@ def test_seed_csr_parses_with_subject_hosts_and_key() -> None:
     ],
 )
 def test_go_durations(text: str, expected: dt.timedelta | None) -> None:
-    assert cfssl.parse_duration(text) == expected
+    assert jsondoc.parse_duration(text) == expected
 
 
 def test_seed_steps_write_cfssljson_bare_files(tmp_path: Path) -> None:

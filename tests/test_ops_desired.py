@@ -50,7 +50,7 @@ def test_the_unit_fingerprint_follows_the_ca_certificates(tmp_path: Path) -> Non
 
 def test_host_and_local_members_use_one_file_layout(tmp_path: Path) -> None:
     on_host = host_member_files(_spec().host_paths)  # type: ignore[attr-defined]
-    local = StateLayout(tmp_path).member("etcd-1").files
+    local = StateLayout(tmp_path).member("etcd-1")
     for field in ("server_cert", "server_key", "peer_cert", "peer_key", "trusted_ca"):
         assert PurePosixPath(getattr(on_host, field)).name == getattr(local, field).name
     assert str(on_host.data_dir) == "/var/lib/etcd"

@@ -6,6 +6,7 @@ the steps that write it, and the rule that neither changes membership, live here
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from etcdforge.binaries import EtcdBinary, format_version
@@ -15,6 +16,16 @@ from etcdforge.layout import StateLayout
 from etcdforge.ops.plan import Step
 from etcdforge.record import ClusterRecord, MemberRecord, write_record
 from etcdforge.spec import ClusterSpec
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `up` and `apply` both report: which cluster, where its state is, which etcd."""
+
+    cluster: str
+    state_dir: Path
+    version: str
+    warnings: tuple[str, ...]
 
 
 def dir_step(title: str, path: Path) -> Step:

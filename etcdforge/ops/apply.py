@@ -33,6 +33,7 @@ from etcdforge.hosts import Host, fan_out
 from etcdforge.layout import StateLayout
 from etcdforge.ops import preflight
 from etcdforge.ops.admin_state import (
+    Deployment,
     build_record,
     check_against_record,
     record_step,
@@ -62,14 +63,10 @@ class HostResult:
 
 
 @dataclass(frozen=True)
-class ApplyResult:
-    cluster: str
-    state_dir: Path
-    version: str
+class ApplyResult(Deployment):
     dry_run: bool
     admin_changes: tuple[str, ...]
     hosts: tuple[HostResult, ...]
-    warnings: tuple[str, ...]
 
     @property
     def changed_anything(self) -> bool:

@@ -56,6 +56,8 @@ class CertEntry:
 
 @dataclass(frozen=True)
 class CertRow:
+    """One row of `certs check`: what a certificate is, and everything wrong with it."""
+
     name: str
     file: str
     subject: str

@@ -27,7 +27,7 @@ class Desired:
 
 
 def host_member_files(paths: HostPathsSpec) -> render.MemberFiles:
-    return render.MemberFiles.in_dirs(Path(paths.pki_dir), Path(paths.data_dir))
+    return render.MemberFiles(data_dir=Path(paths.data_dir), pki_dir=Path(paths.pki_dir))
 
 
 def desired(spec: ClusterSpec, layout: StateLayout, member: MemberSpec, token: str) -> Desired:

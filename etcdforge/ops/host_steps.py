@@ -128,91 +128,74 @@ def host_steps(
     release: releases.Release,
     want: Desired,
 ) -> list[AsyncStep]:
+    """In order: distribution unit off, user, release, directories, PKI, env file, unit."""
     paths = spec.host_paths
-    user = paths.user
-    unit = paths.unit.name
     steps: list[AsyncStep] = []
     distro = facts.distro
     if distro.fragment and distro.fragment != str(paths.unit) and distro.switched_on:
-        steps.append(_distro_step(host, unit, distro.fragment))
-    steps.append(
-        _command_step(
-            host,
-            f"create system user {user}",
-            ["id", "-u", user],
-            [
-                [
-                    "useradd",
-                    "--system",
-                    "--user-group",
-                    "--no-create-home",
-                    "--home-dir",
-                    str(paths.data_dir),
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    user,
-                ]
-            ],
-        )
-    )
-    steps.append(
+        steps.append(_distro_step(host, paths.unit.name, distro.fragment))
+    steps.append(_user_step(host, paths))
+    steps += _release_steps(host, paths, release)
+    steps.append(_dirs_step(host, paths))
+    steps += _file_steps(host, paths, want)
+    steps += _unit_steps(host, paths)
+    return steps
+
+
+def _user_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
+    user = paths.user
+    useradd = ["useradd", "--system", "--user-group", "--no-create-home"]
+    useradd += ["--home-dir", str(paths.data_dir), "--shell", "/usr/sbin/nologin", user]
+    return _command_step(host, f"create system user {user}", ["id", "-u", user], [useradd])
+
+
+def _release_steps(host: Host, paths: HostPathsSpec, release: releases.Release) -> list[AsyncStep]:
+    return [
         AsyncStep(
             f"install etcd {release.tag} into {releases.version_dir(paths, release)}",
             lambda: releases.is_installed(host, paths, release),
             lambda: releases.install(host, paths, release),
-        )
-    )
-    steps.append(
+        ),
         AsyncStep(
             f"point {paths.bin_dir}/etcd{{,ctl,utl}} at {release.tag}",
             lambda: releases.is_switched(host, paths, release),
             lambda: releases.switch(host, paths, release),
-        )
-    )
-    steps.append(_dirs_step(host, paths))
+        ),
+    ]
+
+
+def _file_steps(host: Host, paths: HostPathsSpec, want: Desired) -> list[AsyncStep]:
+    """Keys 0600 to the etcd user; certificates 0644; the env file readable by etcd alone."""
+    user = paths.user
+    steps = []
     for host_path, source, secret in want.pki:
         mode, owner = (0o600, f"{user}:{user}") if secret else (0o644, "root:root")
-        steps.append(
-            file_step(
-                host,
-                f"write {host_path}",
-                host_path,
-                functools.partial(read_or_none, source),
-                mode,
-                owner,
-                secret,
-            )
-        )
+        data = functools.partial(read_or_none, source)
+        steps.append(file_step(host, f"write {host_path}", host_path, data, mode, owner, secret))
     env = systemd.env_file(paths)
-    steps.append(
-        file_step(host, f"write {env}", env, lambda: want.env_text.encode(), 0o640, f"root:{user}")
-    )
-    steps.append(
-        file_step(
-            host,
-            f"write {paths.unit}",
-            PurePosixPath(paths.unit),
-            lambda: want.unit_text.encode(),
-            0o644,
-            "root:root",
-        )
-    )
+    env_data = want.env_text.encode()
+    steps.append(file_step(host, f"write {env}", env, lambda: env_data, 0o640, f"root:{user}"))
+    unit = PurePosixPath(paths.unit)
+    unit_data = want.unit_text.encode()
+    steps.append(file_step(host, f"write {unit}", unit, lambda: unit_data, 0o644, "root:root"))
+    return steps
+
+
+def _unit_steps(host: Host, paths: HostPathsSpec) -> list[AsyncStep]:
+    unit = paths.unit.name
 
     async def reloaded() -> bool:
         state = await systemd.unit_state(host, unit)
         return state.fragment == str(paths.unit) and not state.need_reload
 
-    steps.append(
-        AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host))
-    )
-    steps.append(
+    return [
+        AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host)),
         AsyncStep(
             f"enable {unit}",
             lambda: systemd.is_enabled(host, unit),
             lambda: systemd.enable(host, unit),
-        )
-    )
-    return steps
+        ),
+    ]
 
 
 def _distro_step(host: Host, unit: str, fragment: str) -> AsyncStep:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from etcdforge import pki
 from etcdforge.cluster_certs import cluster_certificates
 from etcdforge.errors import PKIError, ServiceError
+from etcdforge.names import require_member
 from etcdforge.ops.cert_check import check_entry, state_entries
 from etcdforge.ops.certs import (
     DEFAULT_WARN_WITHIN,
@@ -220,11 +221,7 @@ def renew(
     record = record_for(selection)
     leaves = cluster_leaves(record)
     if member is not None:
-        names = [m.name for m in record.members]
-        if member not in names:
-            raise PKIError(
-                f"no member named {member!r} in cluster {record.name} (members: {', '.join(names)})"
-            )
+        require_member(record.members, member, record.name, PKIError)
         leaves = [leaf for leaf in leaves if leaf.member == member]
     elif not all_leaves:
         now = utcnow()

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from etcdforge import release
 from etcdforge.host_logins import close_all, connect_all
 from etcdforge.hosts import Host, fan_out
 from etcdforge.ops import preflight
@@ -20,7 +21,6 @@ from etcdforge.ops.apply import load_host_spec
 from etcdforge.ops.plan import AsyncStep, execute_async
 from etcdforge.ops.preflight import DataDirOwner, foreign_data
 from etcdforge.ops.target import Selection
-from etcdforge.release import BINARIES
 from etcdforge.services import systemd
 from etcdforge.spec import ClusterSpec, HostPathsSpec
 
@@ -49,45 +49,19 @@ def _absent(host: Host, *paths: PurePosixPath) -> Callable[[], Awaitable[bool]]:
 def reset_steps(
     host: Host, paths: HostPathsSpec, token: str | None, purge_data: bool
 ) -> list[AsyncStep]:
+    """Stop, then remove in reverse order of `apply`; data only with `purge_data`."""
     unit = paths.unit.name
     env = systemd.env_file(paths)
     releases = PurePosixPath(paths.releases_dir)
-    current = releases / "current"
-
-    async def stopped() -> bool:
-        state = await systemd.unit_state(host, unit)
-        return state.fragment != str(paths.unit) or (
-            not state.running and state.enabled != "enabled"
-        )
-
-    async def stop() -> None:
-        await systemd.disable_now(host, unit)
-
-    async def purge() -> None:
-        # Checked again right before deleting: the data may have changed since preflight.
-        facts = await preflight.probe(host, paths)
-        if facts.data_owner(token) is DataDirOwner.OTHER:
-            raise foreign_data(host.label, paths.data_dir, facts.env_token, NOT_DELETING)
-        await host.run(["rm", "-rf", "--", str(paths.data_dir)])
+    steps = [_stop_step(host, paths)]
+    if purge_data:
+        data = PurePosixPath(paths.data_dir)
+        title = f"delete the data dir {paths.data_dir}"
+        steps.append(AsyncStep(title, _absent(host, data), lambda: _purge(host, paths, token)))
 
     async def remove_unit() -> None:
         await host.run(["rm", "-f", "--", str(paths.unit)])
         await systemd.forget_unit(host, unit)
-
-    async def links_gone() -> bool:
-        for name in BINARIES:
-            link = str(PurePosixPath(paths.bin_dir) / name)
-            result = await host.run(["readlink", link], check=False)
-            if result.code == 0 and result.out.strip() == str(current / name):
-                return False
-        return True
-
-    async def remove_links() -> None:
-        for name in BINARIES:
-            link = str(PurePosixPath(paths.bin_dir) / name)
-            result = await host.run(["readlink", link], check=False)
-            if result.code == 0 and result.out.strip() == str(current / name):
-                await host.run(["rm", "-f", "--", link])
 
     async def remove_config() -> None:
         await host.run(["rm", "-rf", "--", str(paths.pki_dir)])
@@ -95,31 +69,48 @@ def reset_steps(
             await host.run(["rm", "-f", "--", str(env)])
         await host.run(["rmdir", "--", str(paths.config_dir)], check=False)
 
-    steps = [AsyncStep(f"stop and disable {unit}", stopped, stop)]
-    if purge_data:
-        steps.append(
-            AsyncStep(
-                f"delete the data dir {paths.data_dir}",
-                _absent(host, PurePosixPath(paths.data_dir)),
-                purge,
-            )
-        )
+    async def links_gone() -> bool:
+        return not await release.our_links(host, paths)
+
     config = [PurePosixPath(paths.pki_dir)] + ([env] if purge_data else [])
-    steps += [
+    return [
+        *steps,
         AsyncStep(f"remove {paths.unit}", _absent(host, PurePosixPath(paths.unit)), remove_unit),
         AsyncStep(
             f"remove {paths.pki_dir}" + (f" and {env}" if purge_data else ""),
             _absent(host, *config),
             remove_config,
         ),
-        AsyncStep(f"remove the links in {paths.bin_dir}", links_gone, remove_links),
+        AsyncStep(
+            f"remove the links in {paths.bin_dir}",
+            links_gone,
+            lambda: release.remove_links(host, paths),
+        ),
         AsyncStep(
             f"remove {releases}",
             _absent(host, releases),
             lambda: host.run(["rm", "-rf", "--", str(releases)]),
         ),
     ]
-    return steps
+
+
+def _stop_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
+    unit = paths.unit.name
+
+    async def stopped() -> bool:
+        state = await systemd.unit_state(host, unit)
+        not_ours = state.fragment != str(paths.unit)
+        return not_ours or (not state.running and state.enabled != "enabled")
+
+    return AsyncStep(f"stop and disable {unit}", stopped, lambda: systemd.disable_now(host, unit))
+
+
+async def _purge(host: Host, paths: HostPathsSpec, token: str | None) -> None:
+    # Checked again right before deleting: the data may have changed since preflight.
+    facts = await preflight.probe(host, paths)
+    if facts.data_owner(token) is DataDirOwner.OTHER:
+        raise foreign_data(host.label, paths.data_dir, facts.env_token, NOT_DELETING)
+    await host.run(["rm", "-rf", "--", str(paths.data_dir)])
 
 
 def reset(

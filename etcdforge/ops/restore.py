@@ -51,7 +51,10 @@ class RestoreError(EtcdforgeError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One verified snapshot file on the admin machine, and how to restore it."""
+    """One verified snapshot file on the admin machine, and how to restore it.
+
+    `bump_by` > 0 restores with `--bump-revision` and `--mark-compacted` (watchers restart).
+    """
 
     path: Path
     sha256: str
@@ -90,6 +93,10 @@ class RestoreTarget(Protocol):
         ...
 
 
+async def _awaited(work: Awaitable[T]) -> T:
+    return await work
+
+
 async def start_all(record: ClusterRecord, runtime: MemberRuntime, timeout: float) -> None:
     """Start every member together (a restored cluster needs a quorum), then wait for health."""
     names = [m.name for m in record.members]
@@ -122,18 +129,56 @@ class _Markers:
             self.path(name).unlink(missing_ok=True)
 
 
-# --- a local cluster (`up`) ----------------------------------------------------------------------
+class _RuntimeTarget:
+    """What both targets share: members stopped and started through the member runtime."""
 
-
-class LocalTarget:
-    """Members supervised on this machine; restored with the tools next to the cluster's etcd."""
-
-    def __init__(self, selection: Selection, record: ClusterRecord, work: Path) -> None:
+    def __init__(
+        self, selection: Selection, record: ClusterRecord, work: Path, runtime: MemberRuntime
+    ) -> None:
         self.selection = selection
         self.record = record
         self.spec = deployed_spec(record)
-        self.runtime = LocalRuntime(record)
+        self.runtime = runtime
         self.markers = _Markers(work, record)
+
+    def _run(self, work: Awaitable[T]) -> T:
+        raise NotImplementedError
+
+    def _restore_step(self, name: str, snap: Snapshot) -> Step:
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        self.markers.forget()
+
+    def restored(self, name: str) -> snapshot.RestoredMember:
+        peer_url = self.spec.member(name).peer_url
+        return snapshot.RestoredMember(name, self.spec.initial_cluster, self.record.token, peer_url)
+
+    def steps(self, snap: Snapshot) -> list[Step]:
+        names = [m.name for m in self.record.members]
+        return [self._stop_step(n) for n in names] + [self._restore_step(n, snap) for n in names]
+
+    def _stop_step(self, name: str) -> Step:
+        runtime = self.runtime
+        return Step(
+            f"stop {runtime.service_name(name)} on {runtime.label(name)}",
+            lambda: not self._run(runtime.is_running(name)),
+            lambda: self._run(runtime.stop(name)),
+        )
+
+    def start(self) -> None:
+        self._run(start_all(self.record, self.runtime, START_TIMEOUT))
+
+
+# --- a local cluster (`up`) ----------------------------------------------------------------------
+
+
+class LocalTarget(_RuntimeTarget):
+    """Members supervised on this machine; restored with the tools next to the cluster's etcd."""
+
+    def __init__(self, selection: Selection, record: ClusterRecord, work: Path) -> None:
+        self.local = LocalRuntime(record)
+        super().__init__(selection, record, work, self.local)
         self._tools = snapshot.find_tools(
             EtcdBinary(Path(record.binary), parse_version(record.version))
         )
@@ -147,46 +192,25 @@ class LocalTarget:
     def restorer(self) -> str:
         return str(self._tools.restorer)
 
-    def forget(self) -> None:
-        self.markers.forget()
+    def _run(self, work: Awaitable[T]) -> T:
+        return asyncio.run(_awaited(work))
 
     def _files(self, name: str) -> MemberLayout:
         return self.record.layout.member(name)
 
-    def steps(self, snap: Snapshot) -> list[Step]:
-        names = [m.name for m in self.record.members]
-        return [self._stop_step(n) for n in names] + [self._restore_step(n, snap) for n in names]
-
-    def _stop_step(self, name: str) -> Step:
-        return Step(
-            f"stop {name}",
-            lambda: self.runtime.pid(name) is None,
-            lambda: asyncio.run(self.runtime.stop(name)),
-        )
-
     def _restore_step(self, name: str, snap: Snapshot) -> Step:
         files = self._files(name)
         data_dir = files.data_dir
-        member = self.spec.member(name)
 
         def done() -> bool:
             return self.markers.matches(name, snap) and data_dir.is_dir()
 
         def restore() -> None:
-            if self.runtime.pid(name) is not None:
+            if self.local.pid(name) is not None:
                 raise RestoreError(f"member {name} is running again; stop it and rerun")
             fresh = data_dir.with_name(data_dir.name + ".restoring")
             remove_tree(fresh)
-            snapshot.restore(
-                self._tools,
-                snap.path,
-                fresh,
-                name,
-                self.spec.initial_cluster,
-                self.record.token,
-                member.peer_url,
-                snap.bump_by,
-            )
+            snapshot.restore(self._tools, snap.path, fresh, self.restored(name), snap.bump_by)
             ensure_dir(fresh)
             aside = data_dir.with_name(data_dir.name + ASIDE)
             if data_dir.exists():
@@ -198,9 +222,6 @@ class LocalTarget:
             self.markers.mark(name, snap)
 
         return Step(f"restore {name} from the snapshot", done, restore)
-
-    def start(self) -> None:
-        asyncio.run(start_all(self.record, self.runtime, START_TIMEOUT))
 
     def finish(self) -> None:
         for member in self.record.members:
@@ -241,7 +262,7 @@ sync
 """
 
 
-class HostTarget:
+class HostTarget(_RuntimeTarget):
     """Members run by systemd on hosts; every host logged in to and probed before any change."""
 
     def __init__(
@@ -254,24 +275,17 @@ class HostTarget:
         tools: snapshot.SnapshotTools,
         restorers: dict[str, tuple[str, snapshot.RestoreFeatures]],
     ) -> None:
-        self.selection = selection
-        self.record = record
-        self.spec = deployed_spec(record)
-        self.paths = self.spec.host_paths
-        self.unit = systemd.unit_name(self.paths)
-        self.runtime = SystemdRuntime(hosts, self.unit)
+        paths = deployed_spec(record).host_paths
+        super().__init__(selection, record, work, SystemdRuntime(hosts, systemd.unit_name(paths)))
+        self.paths = paths
         self.data_dir = PurePosixPath(self.paths.data_dir)
-        self.markers = _Markers(work, record)
         self.runner = runner
         self.hosts = hosts
         self._tools = tools
         self.restorers = restorers
 
     def _run(self, work: Awaitable[T]) -> T:
-        async def wrapped() -> T:
-            return await work
-
-        return self.runner.run(wrapped())
+        return self.runner.run(_awaited(work))
 
     def tools(self) -> snapshot.SnapshotTools:
         return self._tools
@@ -285,27 +299,12 @@ class HostTarget:
     def restorer(self) -> str:
         return ", ".join(sorted({tool for tool, _ in self.restorers.values()}))
 
-    def forget(self) -> None:
-        self.markers.forget()
-
     def upload_path(self, snap: Snapshot) -> PurePosixPath:
         """Beside the data dir (same filesystem, root-only parent), never in a shared /tmp."""
         return self.data_dir.parent / f".{self.data_dir.name}.snapshot-{snap.sha256[:12]}.db"
 
-    def steps(self, snap: Snapshot) -> list[Step]:
-        names = [m.name for m in self.record.members]
-        return [self._stop_step(n) for n in names] + [self._restore_step(n, snap) for n in names]
-
-    def _stop_step(self, name: str) -> Step:
-        return Step(
-            f"stop {self.unit} on {self.hosts[name].label}",
-            lambda: not self._run(self.runtime.is_running(name)),
-            lambda: self._run(self.runtime.stop(name)),
-        )
-
     def _restore_step(self, name: str, snap: Snapshot) -> Step:
         host = self.hosts[name]
-        member = self.spec.member(name)
         user = self.paths.user
         upload = self.upload_path(snap)
         tool = self.restorers[name][0]
@@ -320,19 +319,12 @@ class HostTarget:
 
         async def restore() -> None:
             if await self.runtime.is_running(name):
-                raise RestoreError(f"{host.label}: {self.unit} is running again; stop it and rerun")
+                raise RestoreError(
+                    f"{host.label}: {self.paths.unit.name} is running again; stop it and rerun"
+                )
             await host.write_file(upload, snap.path.read_bytes(), PRIVATE_FILE)
             fresh = PurePosixPath(f"{self.data_dir}.restoring")
-            argv = snapshot.restore_argv(
-                tool,
-                upload,
-                fresh,
-                name,
-                self.spec.initial_cluster,
-                self.record.token,
-                member.peer_url,
-                snap.bump_by,
-            )
+            argv = snapshot.restore_argv(tool, upload, fresh, self.restored(name), snap.bump_by)
             script = ["sh", "-c", _RESTORE_SCRIPT, "sh", str(upload), str(self.data_dir), user]
             result = await host.run([*script, *argv], check=False, timeout=RESTORE_TIMEOUT)
             if result.code != 0:
@@ -346,9 +338,6 @@ class HostTarget:
             self.markers.mark(name, snap)
 
         return Step(f"restore {name} on {host.label} from the snapshot", done, run)
-
-    def start(self) -> None:
-        self._run(start_all(self.record, self.runtime, START_TIMEOUT))
 
     def finish(self) -> None:
         aside = f"{self.data_dir}{ASIDE}"

@@ -64,10 +64,14 @@ async def restart_one(
     label = runtime.label(name)
     progress("cluster", f"wait for every member to be healthy before restarting {name}")
     await require_healthy(record, runtime, f"restarting {name}", timeout)
+    moved = False
     with contextlib.suppress(EtcdClientError):  # no hand-off possible: an election follows
-        if await hand_off_leadership(record, name):
-            progress(label, "handed leadership to a caught-up follower")
-    progress(label, f"restart {runtime.service_name(name)}" + (f": {reason}" if reason else ""))
+        moved = await hand_off_leadership(record, name)
+    why = [reason] if reason else []
+    why += ["leadership handed to a caught-up follower first"] if moved else []
+    progress(
+        label, f"restart {runtime.service_name(name)}" + (f": {'; '.join(why)}" if why else "")
+    )
     await (action or runtime.restart)(name)
     await wait_healthy(record, runtime, timeout)
 

@@ -19,6 +19,7 @@ from etcdforge.errors import ServiceError, SpecError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write
 from etcdforge.layout import StateLayout
 from etcdforge.ops.admin_state import (
+    Deployment,
     build_record,
     check_against_record,
     dir_step,
@@ -36,15 +37,11 @@ from etcdforge.spec import ClusterSpec
 
 
 @dataclass(frozen=True)
-class UpResult:
-    cluster: str
-    state_dir: Path
-    version: str
+class UpResult(Deployment):
     members: int
     started: tuple[str, ...]
     changed: tuple[str, ...]
     pending: tuple[str, ...]
-    warnings: tuple[str, ...]
 
 
 def port_in_use(address: str, port: int) -> bool:
@@ -108,7 +105,7 @@ def up_steps(
     for member in spec.members:
         files = layout.member(member.name)
         settings = render.etcd_settings(
-            spec, member, files.files, record.token, peer_allowed_cn=allowed_cn
+            spec, member, files, record.token, peer_allowed_cn=allowed_cn
         )
         flags[member.name] = render.as_flags(settings)
         steps.append(dir_step(f"create the data directory of {member.name}", files.data_dir))

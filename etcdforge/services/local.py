@@ -231,7 +231,7 @@ class LocalRuntime:
         return name
 
     def service_name(self, name: str) -> str:
-        return name
+        return "etcd"
 
     def pid(self, name: str) -> int | None:
         files = self.files(name)
