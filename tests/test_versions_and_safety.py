@@ -71,12 +71,32 @@ def test_down_never_signals_a_process_it_did_not_start(cluster_factory: ClusterF
         result = cluster.cli("down")
         assert result.code == 0, result.stderr
         assert stranger.poll() is None, "a process that is not our etcd must survive `down`"
-        assert "no member was running" in result.stdout
+        # The member's own etcd is found by its data dir, not by the stale pid file, and stopped.
+        assert "stopped m1" in result.stdout
+        assert real_pid not in etcd_pids_under(cluster.state_dir)
     finally:
         stranger.kill()
         stranger.wait(timeout=10)
-    pid_file.write_text(f"{real_pid}\n")
-    assert local.stop(pid_file, member_dir / "data")
+    assert not local.stop(pid_file, member_dir / "data")  # nothing of ours is left to stop
+    assert etcd_pids_under(cluster.state_dir) == []
+
+
+def test_an_etcd_whose_pid_file_was_never_written_is_found_not_orphaned(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A command killed between launching etcd and writing its pid file leaves a running member
+    no pid file names; the next command finds it by its data dir, so `up` does not refuse a
+    "busy" port and `down` stops it."""
+    cluster = cluster_factory("orphan", count=1)
+    pid_file = cluster.state_dir / "members" / "m1" / "etcd.pid"
+    real_pid = int(pid_file.read_text())
+    pid_file.unlink()
+    again = cluster.cli("up")
+    assert again.code == 0, again.stderr
+    assert "nothing changed" in again.stdout
+    assert etcd_pids_under(cluster.state_dir) == [real_pid]
+    stopped = cluster.cli("down")
+    assert stopped.code == 0 and "stopped m1" in stopped.stdout, stopped.stderr
     assert etcd_pids_under(cluster.state_dir) == []
 
 

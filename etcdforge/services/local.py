@@ -77,12 +77,23 @@ def read_pid(pid_file: Path) -> int | None:
 
 
 def running_pid(pid_file: Path, data_dir: Path) -> int | None:
-    """The recorded PID if that process is still our etcd, else None."""
+    """The member's etcd PID: the recorded one if it is still our etcd, else any etcd running
+    on this data dir (a command killed between launching etcd and writing the pid file leaves
+    one behind: it is found, not orphaned), else None."""
     pid = read_pid(pid_file)
-    if pid is None:
-        return None
-    _reap(pid)
-    return pid if is_our_etcd(pid, data_dir) else None
+    if pid is not None:
+        _reap(pid)
+        if is_our_etcd(pid, data_dir):
+            return pid
+    return find_etcd_on(data_dir)
+
+
+def find_etcd_on(data_dir: Path) -> int | None:
+    """The etcd process started with `--data-dir=<data_dir>`, if any (one per data dir)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and is_our_etcd(int(entry.name), data_dir):
+            return int(entry.name)
+    return None
 
 
 def start(binary: Path, flags: list[str], pid_file: Path, log_file: Path) -> int:
