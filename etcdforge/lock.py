@@ -284,10 +284,17 @@ class ClusterLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(ROUND_TIMEOUT + 2 * REQUEST_TIMEOUT)
+        with contextlib.suppress(EtcdforgeError, OSError):
+            run(self._bounded(self._give_back))
+
+    async def _give_back(self, client: EtcdClient) -> None:
+        if not self._lease:
+            # Never held (the cluster was down, e.g. after `down`): a key this state dir's last
+            # command could not revoke would block other machines for a TTL; take it to drop it.
+            await self._attempt(client)
         lease, self._lease = self._lease, 0
         if lease:
-            with contextlib.suppress(EtcdforgeError, OSError):
-                run(self._bounded(lambda client: client.lease_revoke(lease)))
+            await client.lease_revoke(lease)
 
 
 @dataclass
