@@ -25,6 +25,15 @@ from etcdforge.tls import TLSFiles  # noqa: E402
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
+GRPC_NOT_FOUND = 5  # the gateway's `code` for e.g. "etcdserver: requested lease not found"
+
+
+class EtcdReplyError(EtcdClientError):
+    """A member answered, with an error: `code` is the gRPC status code when it gave one."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,11 @@ class EtcdClient:
             payload = {}
         if response.status_code != 200 or "error" in payload:
             message = payload.get("message") or payload.get("error") or response.text.strip()
-            raise EtcdClientError(f"{endpoint}{path}: {message or response.status_code}")
+            code = payload.get("code")
+            raise EtcdReplyError(
+                f"{endpoint}{path}: {message or response.status_code}",
+                code if isinstance(code, int) else None,
+            )
         return payload
 
     async def first_ok(self, request: Callable[[str], Awaitable[T]]) -> T:
@@ -254,6 +267,90 @@ class EtcdClient:
         else:
             payload = await self.first_ok(lambda e: self.call(e, "/v3/kv/deleterange", body))
         return int(payload.get("deleted", 0))
+
+    async def get_entry(self, key: str | bytes) -> KeyValue | None:
+        """One key with its revisions and lease, from the first member that answers."""
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/kv/range", {"key": _b64(key)}))
+        kvs = payload.get("kvs", [])
+        return _key_value(kvs[0]) if kvs else None
+
+    async def put_if_unchanged(
+        self, key: str | bytes, value: str | bytes, lease: int, mod_revision: int
+    ) -> tuple[bool, KeyValue | None]:
+        """Put `key` with `lease` only if its mod_revision is still `mod_revision` (0: absent).
+
+        One transaction, so two writers can never both succeed; a missing key compares as
+        revision 0, which is etcd's create-if-absent idiom. Returns (succeeded, entry now there).
+        """
+        body = {
+            "compare": [
+                {
+                    "key": _b64(key),
+                    "target": "MOD",
+                    "mod_revision": str(mod_revision),
+                    "result": "EQUAL",
+                }
+            ],
+            "success": [
+                {"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease)}}
+            ],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        }
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/kv/txn", body))
+        if payload.get("succeeded"):
+            return True, None
+        responses = payload.get("responses", [])
+        kvs = responses[0].get("response_range", {}).get("kvs", []) if responses else []
+        return False, _key_value(kvs[0]) if kvs else None
+
+    # --- leases -----------------------------------------------------------------------------
+
+    async def lease_grant(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; keys attached to it vanish when it expires."""
+        body = {"TTL": str(ttl)}
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/lease/grant", body))
+        return int(payload["ID"])
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Renew a lease once; returns its new TTL, 0 when the lease no longer exists.
+
+        The gateway streams one `{"result": ...}` line per request; we send exactly one.
+        """
+        body = {"ID": str(lease)}
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/lease/keepalive", body))
+        return int(payload.get("result", {}).get("TTL", 0))
+
+    async def lease_revoke(self, lease: int) -> bool:
+        """Revoke a lease and delete its keys; False if it had already expired or was revoked."""
+        body = {"ID": str(lease)}
+
+        async def revoke(endpoint: str) -> bool:
+            try:
+                await self.call(endpoint, "/v3/lease/revoke", body)
+            except EtcdReplyError as exc:
+                if exc.code == GRPC_NOT_FOUND:
+                    return False
+                raise
+            return True
+
+        return await self.first_ok(revoke)
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+def _key_value(kv: dict[str, Any]) -> KeyValue:
+    return KeyValue(
+        key=_unb64(kv.get("key", "")),
+        value=_unb64(kv.get("value", "")),
+        mod_revision=int(kv.get("mod_revision", 0)),
+        lease=int(kv.get("lease", 0)),
+    )
 
 
 @dataclass(frozen=True)

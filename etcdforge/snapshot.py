@@ -24,6 +24,7 @@ from etcdforge.binaries import EtcdBinary, Version, parse_version
 from etcdforge.client import EtcdClient, prefix_end
 from etcdforge.errors import EtcdforgeError
 from etcdforge.fsutil import PRIVATE_FILE
+from etcdforge.lock import RESERVED_PREFIX
 from etcdforge.tls import TLSFiles
 
 TOOL_TIMEOUT = 600.0
@@ -288,6 +289,17 @@ async def fingerprint(
 
 
 async def count_keys(client: EtcdClient, endpoint: str | None = None) -> int:
-    """Every key in the keyspace (not just /registry/): is this cluster empty?"""
-    page = await client.range(b"\0", b"\0", count_only=True, endpoint=endpoint)
-    return page.count
+    """Every key in the keyspace (not just /registry/) but etcdforge's own: is it empty?
+
+    The lock key of the command that asks is there while it runs; both counts are read at one
+    revision so they subtract exactly.
+    """
+    every = await client.range(b"\0", b"\0", count_only=True, endpoint=endpoint)
+    ours = await client.range(
+        RESERVED_PREFIX,
+        prefix_end(RESERVED_PREFIX),
+        count_only=True,
+        revision=every.revision,
+        endpoint=endpoint,
+    )
+    return every.count - ours.count

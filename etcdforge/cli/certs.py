@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, timeout_option
+from etcdforge.cli.common import (
+    EXIT_ERROR,
+    cluster_options,
+    exclusive,
+    progress_printer,
+    timeout_option,
+    wait_lock_option,
+)
 
 if TYPE_CHECKING:
     from etcdforge.ops.cert_check import CheckReport
@@ -162,6 +169,7 @@ def _print_check_table(report: CheckReport) -> None:
 @click.option("--days", type=click.IntRange(1, 36500), help="Validity (default: the spec's).")
 @warn_option
 @click.option("--dry-run", is_flag=True, help="Print what would be renewed; change nothing.")
+@wait_lock_option()
 def renew_cmd(
     selection: Selection,
     all_leaves: bool,
@@ -170,6 +178,7 @@ def renew_cmd(
     days: int | None,
     warn_within: dt.timedelta,
     dry_run: bool,
+    wait_lock: float,
 ) -> None:
     """Reissue leaf certificates in place; running members serve them on the next handshake.
 
@@ -179,16 +188,17 @@ def renew_cmd(
 
     if all_leaves and member:
         raise click.UsageError("--all and --member exclude each other")
-    result = renew(
-        selection,
-        all_leaves=all_leaves,
-        member=member,
-        new_key=new_key,
-        days=days,
-        warn_within=warn_within,
-        dry_run=dry_run,
-        progress=progress_printer(),
-    )
+    with exclusive(selection, wait_lock, dry_run):
+        result = renew(
+            selection,
+            all_leaves=all_leaves,
+            member=member,
+            new_key=new_key,
+            days=days,
+            warn_within=warn_within,
+            dry_run=dry_run,
+            progress=progress_printer(),
+        )
     if dry_run:
         click.echo(
             f"cluster {result.cluster}: {len(result.pending)} certificate(s) would be renewed"
@@ -219,13 +229,15 @@ def renew_cmd(
 )
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @timeout_option("Seconds to wait for health after each member restart.")
+@wait_lock_option()
 def rotate_ca_cmd(
-    selection: Selection, stop_after: str | None, dry_run: bool, timeout: float
+    selection: Selection, stop_after: str | None, dry_run: bool, timeout: float, wait_lock: float
 ) -> None:
     """Replace the CAs with no downtime: trust old+new, reissue, drop the old. Resumable."""
     from etcdforge.ops.rotate_ca import rotate_ca
 
-    result = rotate_ca(selection, stop_after, dry_run, progress_printer(), timeout)
+    with exclusive(selection, wait_lock, dry_run):
+        result = rotate_ca(selection, stop_after, dry_run, progress_printer(), timeout)
     if dry_run:
         click.echo(f"cluster {result.cluster}: {len(result.pending)} step(s) would run")
         for title in result.pending:

@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, timeout_option, warn
+from etcdforge.cli.common import (
+    EXIT_ERROR,
+    cluster_options,
+    exclusive,
+    progress_printer,
+    timeout_option,
+    wait_lock_option,
+    warn,
+)
 
 if TYPE_CHECKING:
     from etcdforge.ops.status import MemberStatus
@@ -27,6 +35,7 @@ if TYPE_CHECKING:
     type=click.Path(path_type=Path, file_okay=False),
     help="Import an existing cfssl PKI (ca.pem, server.pem, peer.pem, client.pem and keys).",
 )
+@wait_lock_option()
 def up_cmd(
     selection: Selection,
     members: int | None,
@@ -34,11 +43,13 @@ def up_cmd(
     dry_run: bool,
     timeout: float,
     pki_dir: Path | None,
+    wait_lock: float,
 ) -> None:
     """Create or resume a local mutual-TLS cluster and wait until it is healthy."""
     from etcdforge.ops.up import up
 
-    result = up(selection, members, allow_even, dry_run, progress_printer(), timeout, pki_dir)
+    with exclusive(selection, wait_lock, dry_run):
+        result = up(selection, members, allow_even, dry_run, progress_printer(), timeout, pki_dir)
     for message in result.warnings:
         warn(message)
     if dry_run:
@@ -59,11 +70,13 @@ def up_cmd(
 @click.command("down")
 @cluster_options
 @click.option("--purge", is_flag=True, help="Also delete the data directories and the PKI.")
-def down_cmd(selection: Selection, purge: bool) -> None:
+@wait_lock_option()
+def down_cmd(selection: Selection, purge: bool, wait_lock: float) -> None:
     """Stop the local members (their data and PKI stay unless --purge)."""
     from etcdforge.ops.down import down
 
-    result = down(selection, purge, progress_printer())
+    with exclusive(selection, wait_lock):
+        result = down(selection, purge, progress_printer())
     if result.stopped:
         click.echo(f"cluster {result.cluster}: stopped {', '.join(result.stopped)}")
     else:

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from etcdforge.errors import EtcdforgeError
 
+if TYPE_CHECKING:
+    from etcdforge.ops.target import Selection
+
 EXIT_ERROR = 1
 F = TypeVar("F", bound=Callable[..., Any])
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_WAIT_LOCK = 24 * 3600.0
 
 
 def report_error(exc: BaseException, debug: bool) -> int:
@@ -85,3 +93,56 @@ def timeout_option(
         show_default=True,
         help=help_text,
     )
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90`, `30s`, `2m`, `1h30m` or `500ms` (Go's notation); ValueError otherwise."""
+    value = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return float(value)
+    parts = DURATION_PART.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 30s, 2m or 1h30m")
+    return sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+
+
+def _wait_lock(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds > MAX_WAIT_LOCK:
+        raise click.BadParameter(f"{value!r} is more than 24h; wait at most 24h")
+    return seconds
+
+
+def wait_lock_option() -> Callable[[F], F]:
+    """`--wait-lock DURATION`: how long a changing command waits for another one to finish."""
+    return click.option(
+        "--wait-lock",
+        "wait_lock",
+        default="0s",
+        metavar="DURATION",
+        callback=_wait_lock,
+        help="When another command is changing this cluster, wait up to DURATION (30s, 2m, "
+        "1h30m) for it instead of refusing at once.",
+    )
+
+
+@contextlib.contextmanager
+def exclusive(selection: Selection, wait_lock: float, dry_run: bool = False) -> Iterator[None]:
+    """Hold the cluster's lock around a changing command (a dry run changes nothing: no lock)."""
+    if dry_run:
+        yield
+        return
+    # Imported here, as every command body does: `status` must not pay for what it never uses.
+    from etcdforge.lock import hold
+    from etcdforge.ops.target import locate
+
+    with hold(locate(selection)[1], wait=wait_lock, notify=progress_printer()) as held:
+        yield
+    if held.lost is not None:
+        warn(
+            f"the cluster lock key was lost while this command ran and is now held by "
+            f"{held.lost.describe()}; check what that command changed"
+        )

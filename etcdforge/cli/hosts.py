@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from etcdforge.cli.common import cluster_options, timeout_option, warn
+from etcdforge.cli.common import (
+    cluster_options,
+    exclusive,
+    timeout_option,
+    wait_lock_option,
+    warn,
+)
 
 if TYPE_CHECKING:
     from etcdforge.ops.apply import ApplyResult
@@ -96,11 +102,12 @@ def _print_plan(result: ApplyResult) -> None:
     default=120.0,
     maximum=3600,
 )
-def apply_cmd(selection: Selection, allow_even: bool, timeout: float) -> None:
+@wait_lock_option()
+def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock: float) -> None:
     """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""
     from etcdforge.ops.apply import apply
 
-    with HostBoard() as board:
+    with exclusive(selection, wait_lock), HostBoard() as board:
         result = apply(selection, progress=board, timeout=timeout, allow_even=allow_even)
     for message in result.warnings:
         warn(message)
@@ -120,7 +127,8 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float) -> None:
 @cluster_options
 @click.option("--purge-data", is_flag=True, help="Also delete the members' data directories.")
 @click.option("--yes", is_flag=True, help="Do not ask before deleting data.")
-def reset_cmd(selection: Selection, purge_data: bool, yes: bool) -> None:
+@wait_lock_option()
+def reset_cmd(selection: Selection, purge_data: bool, yes: bool, wait_lock: float) -> None:
     """Stop and remove what etcdforge installed on the hosts (data only with --purge-data)."""
     from etcdforge.ops.reset import reset
 
@@ -130,7 +138,7 @@ def reset_cmd(selection: Selection, purge_data: bool, yes: bool) -> None:
             abort=True,
             err=True,
         )
-    with HostBoard() as board:
+    with exclusive(selection, wait_lock), HostBoard() as board:
         result = reset(selection, purge_data, progress=board)
     click.echo(f"cluster {result.cluster}: reset")
     for label, steps in result.removed:

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from etcdforge.cli.common import EXIT_ERROR, cluster_options, progress_printer, warn
+from etcdforge.cli.common import (
+    EXIT_ERROR,
+    cluster_options,
+    exclusive,
+    progress_printer,
+    wait_lock_option,
+    warn,
+)
 
 if TYPE_CHECKING:
     from etcdforge.hosts import SSHTarget
@@ -272,6 +279,7 @@ def _print_check(rows: tuple[CheckRow, ...]) -> None:
 )
 @click.option("--api", type=API_CHOICE, default="v1beta4", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
+@wait_lock_option()
 def migrate_cmd(
     selection: Selection,
     paths: Any,
@@ -281,6 +289,7 @@ def migrate_cmd(
     no_bump: bool,
     api: str,
     dry_run: bool,
+    wait_lock: float,
 ) -> None:
     """Move a kubeadm cluster's data from its stacked etcd into this cluster.
 
@@ -289,9 +298,18 @@ def migrate_cmd(
     """
     from etcdforge.ops.kubeadm_migrate import migrate
 
-    result = migrate(
-        selection, source, source_pki, paths, api, replace, not no_bump, dry_run, progress_printer()
-    )
+    with exclusive(selection, wait_lock, dry_run):
+        result = migrate(
+            selection,
+            source,
+            source_pki,
+            paths,
+            api,
+            replace,
+            not no_bump,
+            dry_run,
+            progress_printer(),
+        )
     for message in result.warnings:
         warn(message)
     if dry_run:

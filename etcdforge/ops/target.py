@@ -72,18 +72,26 @@ def deployed_spec(record: ClusterRecord) -> ClusterSpec:
 
 def record_for(selection: Selection) -> ClusterRecord:
     """The deployed cluster a read-only or teardown command acts on."""
+    name, state_dir = locate(selection)
+    return require_record(state_dir, name)
+
+
+def locate(selection: Selection) -> tuple[str, Path]:
+    """The cluster's name and state dir as every command finds them, without deploying anything.
+
+    The YAML is fully validated only when it looks off, so that the validation names the mistake.
+    """
     if selection.file is None:
-        name = selection.cluster or DEFAULT_CLUSTER
-        return require_record(state_dir_for(selection), name)
+        return selection.cluster or DEFAULT_CLUSTER, state_dir_for(selection)
     identity = spec_identity(selection.file)
-    if identity is None:  # let the full validation name the mistake
+    if identity is None:
         from etcdforge.spec import load_spec
 
         spec = load_spec(selection.file, allow_even=True)
-        return require_record(state_dir_for(selection, spec), spec.name)
+        return spec.name, state_dir_for(selection, spec)
     name, state_dir = identity
     explicit = selection.state_dir.absolute() if selection.state_dir is not None else state_dir
-    return require_record(explicit or resolve_state_dir(name), name)
+    return name, explicit or resolve_state_dir(name)
 
 
 def spec_identity(path: Path) -> tuple[str, Path | None] | None:
