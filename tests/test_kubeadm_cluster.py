@@ -26,6 +26,7 @@ from etcdforge.errors import EtcdClientError
 from etcdforge.fsutil import PRIVATE_FILE, PUBLIC_FILE, atomic_write, ensure_dir
 from etcdforge.kubeadm import KubeadmPaths
 from etcdforge.ops.kubeadm_migrate import migrate as migrate_op
+from etcdforge.ops.plan import StepLines
 from etcdforge.ops.target import Selection
 from etcdforge.services import local
 from etcdforge.spec import KeyAlgorithm
@@ -418,7 +419,9 @@ def test_interrupted_migration_resumes(
 
     selection = Selection(file=target.spec_path, state_dir=target.state_dir)
     with pytest.raises(_Interrupted):
-        migrate_op(selection, source.url, source.pki_dir, KubeadmPaths(), progress=progress)
+        migrate_op(
+            selection, source.url, source.pki_dir, KubeadmPaths(), progress=StepLines(progress)
+        )
     assert "restore m1 from the snapshot" in seen
     assert etcd_pids_under(target.state_dir) == []
     assert (target.state_dir / "migrate" / "progress.json").exists()

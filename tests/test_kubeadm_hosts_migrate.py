@@ -17,6 +17,7 @@ import yaml
 
 from etcdforge.kubeadm import KubeadmPaths
 from etcdforge.ops.kubeadm_migrate import migrate as migrate_op
+from etcdforge.ops.plan import StepLines
 from etcdforge.ops.target import Selection
 from etcdforge.tls import TLSFiles
 from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
@@ -189,7 +190,7 @@ def test_interrupted_replace_on_hosts_resumes(
             setup.source.pki_dir,
             KubeadmPaths(),
             replace=True,
-            progress=progress,
+            progress=StepLines(progress),
         )
     assert (setup.state / "migrate" / "progress.json").exists()
     for host in setup.hosts:

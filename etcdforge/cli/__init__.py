@@ -44,11 +44,14 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="On a terminal, print every step above the live phases."
+)
 @click.version_option(package_name="etcdforge")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Deploy and operate standalone mutual-TLS etcd clusters."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "verbose": verbose}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ from etcdforge.cli.common import (
     EXIT_ERROR,
     cluster_options,
     exclusive,
-    progress_printer,
     timeout_option,
     wait_lock_option,
 )
@@ -188,7 +187,7 @@ def renew_cmd(
 
     if all_leaves and member:
         raise click.UsageError("--all and --member exclude each other")
-    with exclusive(selection, wait_lock, dry_run):
+    with exclusive(selection, wait_lock, dry_run) as progress:
         result = renew(
             selection,
             all_leaves=all_leaves,
@@ -197,7 +196,7 @@ def renew_cmd(
             days=days,
             warn_within=warn_within,
             dry_run=dry_run,
-            progress=progress_printer(),
+            progress=progress,
         )
     if dry_run:
         click.echo(
@@ -236,8 +235,8 @@ def rotate_ca_cmd(
     """Replace the CAs with no downtime: trust old+new, reissue, drop the old. Resumable."""
     from etcdforge.ops.rotate_ca import rotate_ca
 
-    with exclusive(selection, wait_lock, dry_run):
-        result = rotate_ca(selection, stop_after, dry_run, progress_printer(), timeout)
+    with exclusive(selection, wait_lock, dry_run) as progress:
+        result = rotate_ca(selection, stop_after, dry_run, progress, timeout)
     if dry_run:
         click.echo(f"cluster {result.cluster}: {len(result.pending)} step(s) would run")
         for title in result.pending:

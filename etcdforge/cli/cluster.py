@@ -13,7 +13,6 @@ from etcdforge.cli.common import (
     EXIT_ERROR,
     cluster_options,
     exclusive,
-    progress_printer,
     timeout_option,
     wait_lock_option,
     warn,
@@ -48,8 +47,8 @@ def up_cmd(
     """Create or resume a local mutual-TLS cluster and wait until it is healthy."""
     from etcdforge.ops.up import up
 
-    with exclusive(selection, wait_lock, dry_run):
-        result = up(selection, members, allow_even, dry_run, progress_printer(), timeout, pki_dir)
+    with exclusive(selection, wait_lock, dry_run) as progress:
+        result = up(selection, members, allow_even, dry_run, progress, timeout, pki_dir)
     for message in result.warnings:
         warn(message)
     if dry_run:
@@ -75,8 +74,8 @@ def down_cmd(selection: Selection, purge: bool, wait_lock: float) -> None:
     """Stop the local members (their data and PKI stay unless --purge)."""
     from etcdforge.ops.down import down
 
-    with exclusive(selection, wait_lock):
-        result = down(selection, purge, progress_printer())
+    with exclusive(selection, wait_lock) as progress:
+        result = down(selection, purge, progress)
     if result.stopped:
         click.echo(f"cluster {result.cluster}: stopped {', '.join(result.stopped)}")
     else:

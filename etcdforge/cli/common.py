@@ -15,6 +15,8 @@ import click
 from etcdforge.errors import EtcdforgeError
 
 if TYPE_CHECKING:
+    from etcdforge.cli.progress import Board
+    from etcdforge.lock import Held
     from etcdforge.ops.target import Selection
 
 EXIT_ERROR = 1
@@ -71,13 +73,6 @@ def cluster_options(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def progress_printer() -> Callable[[str], None]:
-    def show(message: str) -> None:
-        click.secho(f"  → {message}", err=True, dim=True)
-
-    return show
-
-
 def warn(message: str) -> None:
     click.secho(f"warning: {message}", fg="yellow", err=True)
 
@@ -130,19 +125,29 @@ def wait_lock_option() -> Callable[[F], F]:
 
 
 @contextlib.contextmanager
-def exclusive(selection: Selection, wait_lock: float, dry_run: bool = False) -> Iterator[None]:
-    """Hold the cluster's lock around a changing command (a dry run changes nothing: no lock)."""
-    if dry_run:
-        yield
-        return
+def exclusive(selection: Selection, wait_lock: float, dry_run: bool = False) -> Iterator[Board]:
+    """A changing command's context: the cluster's lock held around it (a dry run changes
+    nothing: no lock), and its progress display."""
     # Imported here, as every command body does: `status` must not pay for what it never uses.
-    from etcdforge.lock import hold
-    from etcdforge.ops.target import locate
+    from etcdforge.cli.progress import Board
 
-    with hold(locate(selection)[1], wait=wait_lock, notify=progress_printer()) as held:
-        yield
+    with Board() as board:
+        if dry_run:
+            yield board
+            return
+        with _locked(selection, wait_lock, board) as held:
+            yield board
     if held.lost is not None:
         warn(
             f"the cluster lock key was lost while this command ran and is now held by "
             f"{held.lost.describe()}; check what that command changed"
         )
+
+
+@contextlib.contextmanager
+def _locked(selection: Selection, wait_lock: float, board: Board) -> Iterator[Held]:
+    from etcdforge.lock import hold
+    from etcdforge.ops.target import locate
+
+    with hold(locate(selection)[1], wait=wait_lock, notify=lambda m: board.step("lock", m)) as held:
+        yield held

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,56 +19,15 @@ if TYPE_CHECKING:
     from etcdforge.ops.target import Selection
 
 
-class HostBoard:
-    """Live progress, one line per host, on a terminal; plain `host: step` lines otherwise."""
-
-    def __init__(self) -> None:
-        self.steps: dict[str, tuple[int, str]] = {}
-        self.live: Any = None
-
-    def __enter__(self) -> HostBoard:
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.live import Live
-
-            self.live = Live(self._table(), console=Console(stderr=True), transient=False)
-            self.live.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.live is not None:
-            self.live.__exit__(exc_type, exc, tb)
-
-    def __call__(self, host: str, message: str) -> None:
-        count = self.steps.get(host, (0, ""))[0] + 1
-        self.steps[host] = (count, message)
-        if self.live is not None:
-            self.live.update(self._table())
-        else:
-            click.secho(f"  → {host}: {message}", err=True, dim=True)
-
-    def _table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(box=None, show_header=False, pad_edge=False)
-        for host, (count, message) in self.steps.items():
-            table.add_row(f"[bold]{host}[/]", f"[dim]{count:>2}[/]", message)
-        return table
-
-
 @click.command("plan")
 @cluster_options
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
 def plan_cmd(selection: Selection, allow_even: bool) -> None:
     """Show what `apply` would change on each host; change nothing."""
+    from etcdforge.cli.progress import Board
     from etcdforge.ops.apply import apply
 
-    with HostBoard() as board:
+    with Board() as board:
         result = apply(selection, dry_run=True, progress=board, allow_even=allow_even)
     for message in result.warnings:
         warn(message)
@@ -107,7 +64,7 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
     """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""
     from etcdforge.ops.apply import apply
 
-    with exclusive(selection, wait_lock), HostBoard() as board:
+    with exclusive(selection, wait_lock) as board:
         result = apply(selection, progress=board, timeout=timeout, allow_even=allow_even)
     for message in result.warnings:
         warn(message)
@@ -138,7 +95,7 @@ def reset_cmd(selection: Selection, purge_data: bool, yes: bool, wait_lock: floa
             abort=True,
             err=True,
         )
-    with exclusive(selection, wait_lock), HostBoard() as board:
+    with exclusive(selection, wait_lock) as board:
         result = reset(selection, purge_data, progress=board)
     click.echo(f"cluster {result.cluster}: reset")
     for label, steps in result.removed:

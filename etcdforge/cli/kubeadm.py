@@ -14,7 +14,6 @@ from etcdforge.cli.common import (
     EXIT_ERROR,
     cluster_options,
     exclusive,
-    progress_printer,
     wait_lock_option,
     warn,
 )
@@ -186,32 +185,27 @@ def certs_cmd(
     key is 0600 and the CA key is never copied. With --control-plane, every host is logged in to
     and checked (root via sudo) before any is changed, and --check runs from each host.
     """
+    from etcdforge.cli.progress import Board
     from etcdforge.ops.kubeadm_certs import LocalInstallation, certs, certs_on_hosts
 
     if out is None and not control_planes:
         raise click.UsageError("give --out DIR or --control-plane HOST")
     local = [LocalInstallation(out.absolute())] if out is not None else []
-    if control_planes:
-        defaults = {
-            "user": ssh_user,
-            "port": ssh_port,
-            "identity_file": ssh_key.expanduser() if ssh_key else None,
-            "known_hosts": known_hosts.expanduser() if known_hosts else None,
-            "become": become,
-            "connect_timeout": ssh_timeout,
-        }
-        targets = _targets(control_planes, {k: v for k, v in defaults.items() if v is not None})
-        result = certs_on_hosts(
-            selection,
-            targets,
-            PurePosixPath(pki_dir),
-            local,
-            check,
-            dry_run,
-            progress_printer(),
-        )
-    else:
-        result = certs(selection, local, check, dry_run, progress_printer())
+    logins = {
+        "user": ssh_user,
+        "port": ssh_port,
+        "identity_file": ssh_key.expanduser() if ssh_key else None,
+        "known_hosts": known_hosts.expanduser() if known_hosts else None,
+        "become": become,
+        "connect_timeout": ssh_timeout,
+    }
+    targets = _targets(control_planes, {k: v for k, v in logins.items() if v is not None})
+    with Board() as board:
+        if targets:
+            hosts_dir = PurePosixPath(pki_dir)
+            result = certs_on_hosts(selection, targets, hosts_dir, local, check, dry_run, board)
+        else:
+            result = certs(selection, local, check, dry_run, board)
     if check:
         assert result.endpoints is not None
         _endpoint_warning(result.endpoints)
@@ -298,7 +292,7 @@ def migrate_cmd(
     """
     from etcdforge.ops.kubeadm_migrate import migrate
 
-    with exclusive(selection, wait_lock, dry_run):
+    with exclusive(selection, wait_lock, dry_run) as progress:
         result = migrate(
             selection,
             source,
@@ -308,7 +302,7 @@ def migrate_cmd(
             replace,
             not no_bump,
             dry_run,
-            progress_printer(),
+            progress,
         )
     for message in result.warnings:
         warn(message)

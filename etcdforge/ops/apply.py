@@ -21,7 +21,6 @@ so a rerun after a kill resumes, and a rerun on a converged cluster changes and 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,15 +42,13 @@ from etcdforge.ops.certs import cluster_pki_steps
 from etcdforge.ops.desired import Desired, desired, service_action
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.ops.host_steps import host_steps
-from etcdforge.ops.plan import PlanResult, execute, execute_async
+from etcdforge.ops.plan import SILENT, PlanResult, Progress, execute, execute_async
 from etcdforge.ops.rolling import rolling_restart
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.record import ClusterRecord, new_token
 from etcdforge.services.runtime import ActionKind, ServiceAction
 from etcdforge.services.systemd import SystemdRuntime, unit_name
 from etcdforge.spec import ClusterSpec, MemberSpec
-
-HostProgress = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def load_host_spec(
 def apply(
     selection: Selection,
     dry_run: bool = False,
-    progress: HostProgress | None = None,
+    progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
     allow_even: bool = False,
 ) -> ApplyResult:
@@ -105,7 +102,7 @@ def apply(
     warning = check_version(
         release.version, dev_cluster=False, allow_unsafe=spec.etcd.allow_unsafe_version
     )
-    run = Apply(spec, layout, release, dry_run, progress or (lambda _h, _m: None), timeout)
+    run = Apply(spec, layout, release, dry_run, progress, timeout)
     result = asyncio.run(run.converge(previous.token if previous is not None else None))
     return ApplyResult(
         cluster=spec.name,
@@ -143,22 +140,27 @@ class Apply:
     layout: StateLayout
     release: releases.Release
     dry_run: bool
-    progress: HostProgress
+    progress: Progress
     timeout: float
 
     async def converge(self, token: str | None) -> tuple[tuple[str, ...], tuple[HostResult, ...]]:
+        self.progress.phase("connect")
         hosts = await connect_all(self.spec)
         try:
+            self.progress.phase("preflight")
             facts = await probe_all(self.spec, hosts, token)
             record = self.record(token or new_token(self.spec.name))
+            self.progress.phase("admin PKI")
             admin = self.admin_pki(record)
             wants = {
                 m.name: desired(self.spec, self.layout, m, record.token) for m in self.spec.members
             }
+            self.progress.phase("files")
             changes = await self.files(hosts, facts, wants)
             runtime = SystemdRuntime(hosts, unit_name(self.spec.host_paths))
             actions = await self.service_actions(runtime, wants)
             if not self.dry_run:
+                self.progress.phase("services")
                 await self.services(record, runtime, actions)
         finally:
             await close_all(hosts)
@@ -181,7 +183,7 @@ class Apply:
             *cluster_pki_steps(self.spec, self.layout),
             record_step(self.layout, record),
         ]
-        return execute(steps, lambda m: self.progress("admin", m), self.dry_run)
+        return execute(steps, self.progress, self.dry_run, where="admin")
 
     async def files(
         self,
@@ -194,9 +196,7 @@ class Apply:
             steps = host_steps(
                 self.spec, host, facts[member.name], self.release, wants[member.name]
             )
-            result = await execute_async(
-                steps, lambda m: self.progress(host.label, m), self.dry_run
-            )
+            result = await execute_async(steps, self.progress, self.dry_run, where=host.label)
             return result.pending if self.dry_run else result.changed
 
         changes = await fan_out(self.spec.members, lambda m: hosts[m.name].label, one)
@@ -225,7 +225,7 @@ async def converge_services(
     record: ClusterRecord,
     runtime: SystemdRuntime,
     actions: dict[str, ServiceAction | None],
-    progress: HostProgress,
+    progress: Progress,
     timeout: float,
 ) -> None:
     """Start what is stopped (all together), then roll what runs with stale settings."""
@@ -237,9 +237,9 @@ async def converge_services(
     }
     if to_start:
         for name in to_start:
-            progress(runtime.label(name), f"start {runtime.unit}")
+            progress.step(runtime.label(name), f"start {runtime.unit}")
         await fan_out(to_start, runtime.label, runtime.start)
     if to_start or not to_restart:
-        progress("cluster", "wait for every member to be healthy")
+        progress.step("cluster", "wait for every member to be healthy")
         await wait_healthy(record, runtime, timeout)
     await rolling_restart(record, runtime, to_restart, progress, timeout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from etcdforge.errors import StateError
 from etcdforge.fsutil import remove_tree
-from etcdforge.ops.plan import Progress
+from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.services.local import LocalRuntime
@@ -21,7 +21,7 @@ class DownResult:
     purged: tuple[Path, ...]
 
 
-def down(selection: Selection, purge: bool = False, progress: Progress | None = None) -> DownResult:
+def down(selection: Selection, purge: bool = False, progress: Progress = SILENT) -> DownResult:
     record = record_for(selection)
     if record.on_hosts:
         raise StateError(
@@ -33,8 +33,7 @@ def down(selection: Selection, purge: bool = False, progress: Progress | None = 
     stopped = []
     for member in record.members:
         if runtime.pid(member.name) is not None:
-            if progress:
-                progress(f"stop {member.name}")
+            progress.step(member.name, "stop etcd")
             asyncio.run(runtime.stop(member.name))
             stopped.append(member.name)
     purged: list[Path] = []

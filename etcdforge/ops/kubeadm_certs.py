@@ -29,7 +29,7 @@ from etcdforge.hosts import Host, SSHHost, SSHTarget, fan_out
 from etcdforge.kubeadm import KubeadmError
 from etcdforge.ops import preflight
 from etcdforge.ops.kubeadm_config import ClusterEndpoints, cluster_endpoints
-from etcdforge.ops.plan import PlanResult, Progress, Step, execute
+from etcdforge.ops.plan import SILENT, PlanResult, Progress, Step, execute
 from etcdforge.ops.target import Selection, deployed_spec, record_for
 from etcdforge.record import ClusterRecord
 from etcdforge.relay import RelayTransport
@@ -194,7 +194,7 @@ def certs(
     installations: Sequence[Installation],
     check: bool = False,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
 ) -> CertsResult:
     """Install (or with `check`, prove) the apiserver's etcd files on each installation."""
     record = record_for(selection)
@@ -333,7 +333,7 @@ def certs_on_hosts(
     extra: Sequence[Installation] = (),
     check: bool = False,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
 ) -> CertsResult:
     """`certs` on control-plane hosts (and any local `extra`), every host preflighted first."""
     if not pki_dir.is_absolute():

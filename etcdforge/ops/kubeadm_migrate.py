@@ -23,7 +23,7 @@ from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir, file_sha256
 from etcdforge.kubeadm import KubeadmPaths
 from etcdforge.ops import restore
 from etcdforge.ops.kubeadm_config import cluster_endpoints
-from etcdforge.ops.plan import PlanResult, Progress, Step, execute
+from etcdforge.ops.plan import SILENT, PlanResult, Progress, Step, execute
 from etcdforge.ops.status import query_status
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
@@ -280,7 +280,7 @@ def migrate(
     replace: bool = False,
     bump: bool = True,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
 ) -> MigrateResult:
     """Snapshot the stacked etcd, restore it into every member, prove the data, print the config.
 
@@ -314,7 +314,7 @@ def _migrate(
     replace: bool,
     bump: bool,
     dry_run: bool,
-    progress: Progress | None,
+    progress: Progress,
 ) -> MigrateResult:
     """Preflight, snapshot, restore, then start and verify: the phases, in order."""
     record = target.record
@@ -324,7 +324,9 @@ def _migrate(
         # Everything that can refuse does so here, before the first change.
         _preflight_source(source, target.tools().version)
         _preflight_target(record, replace)
+    progress.phase("snapshot")
     first = execute([_snapshot_step(target, work, source)], progress, dry_run)
+    progress.phase("restore")
     rest = execute(_restore_steps(target, work, bump_by), progress, dry_run)
     plan = PlanResult(first.changed + rest.changed, first.pending + rest.pending)
     current = work.read_progress()
@@ -349,14 +351,14 @@ def _migrate(
 
 
 def _start_and_verify(
-    target: restore.RestoreTarget, work: _Work, current: SourceProgress, progress: Progress | None
+    target: restore.RestoreTarget, work: _Work, current: SourceProgress, progress: Progress
 ) -> None:
     """Start the restored members, prove their data, then drop what was kept aside."""
-    if progress:
-        progress("start every member on the restored data")
+    progress.phase("start")
+    progress.step("cluster", "start every member on the restored data")
     target.start()
-    if progress:
-        progress("compare /registry/ on every member with the source")
+    progress.phase("verify")
+    progress.step("cluster", "compare /registry/ on every member with the source")
     _verify_members(target.record, current)
     target.finish()
     work.progress.replace(work.last)

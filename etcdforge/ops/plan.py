@@ -1,15 +1,67 @@
-"""Plans: ordered steps, each knowing how to tell whether it is already done.
+"""Plans: ordered steps, each knowing how to tell whether it is already done; and progress.
 
 Executing a plan skips done steps, so an interrupted run resumes where it stopped and a rerun on
 a converged cluster changes nothing. `--dry-run` prints the steps that would run.
+
+Progress is reported, never printed, below the CLI: an operation announces its phases (`phase`)
+and the steps it takes on a member, a host or the admin machine (`step`); the CLI shows them as a
+live display on a terminal and as plain lines otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-Progress = Callable[[str], None]
+
+class Progress(Protocol):
+    def phase(self, name: str) -> None:
+        """A new phase of the operation begins (preflight, files, services, ...)."""
+        ...
+
+    def step(self, where: str, message: str) -> None:
+        """A step on `where`: a member or host label, "admin", or "cluster"."""
+        ...
+
+
+class Silent:
+    """No output: library callers and nested operations that report through their caller."""
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def step(self, where: str, message: str) -> None:
+        pass
+
+
+SILENT = Silent()
+
+
+@dataclass(frozen=True)
+class StepLines:
+    """Each step's message to one callable (phases dropped): for scripts and tests."""
+
+    show: Callable[[str], None]
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def step(self, where: str, message: str) -> None:
+        self.show(message)
+
+
+@dataclass(frozen=True)
+class StepsOnly:
+    """Forward the steps of a nested operation (rotate-ca's `apply`), keep the caller's phase."""
+
+    progress: Progress
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def step(self, where: str, message: str) -> None:
+        self.progress.step(where, message)
 
 
 @dataclass(frozen=True)
@@ -17,6 +69,7 @@ class Step:
     title: str
     is_done: Callable[[], bool]
     run: Callable[[], object]
+    phase: str = ""  # announced when the first step of a phase runs
 
 
 @dataclass(frozen=True)
@@ -29,19 +82,33 @@ class PlanResult:
         return bool(self.changed)
 
 
+class _Phases:
+    """Announce a step's phase once, when the first step of it actually runs."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.current = ""
+
+    def enter(self, phase: str) -> None:
+        if phase and phase != self.current:
+            self.current = phase
+            self.progress.phase(phase)
+
+
 def execute(
-    steps: Sequence[Step], progress: Progress | None = None, dry_run: bool = False
+    steps: Sequence[Step], progress: Progress = SILENT, dry_run: bool = False, where: str = ""
 ) -> PlanResult:
     changed: list[str] = []
     pending: list[str] = []
+    phases = _Phases(progress)
     for step in steps:
         if step.is_done():
             continue
         if dry_run:
             pending.append(step.title)
             continue
-        if progress:
-            progress(step.title)
+        phases.enter(step.phase)
+        progress.step(where, step.title)
         step.run()
         changed.append(step.title)
     return PlanResult(changed=tuple(changed), pending=tuple(pending))
@@ -61,7 +128,7 @@ class AsyncStep:
 
 
 async def execute_async(
-    steps: Sequence[AsyncStep], progress: Progress | None = None, dry_run: bool = False
+    steps: Sequence[AsyncStep], progress: Progress = SILENT, dry_run: bool = False, where: str = ""
 ) -> PlanResult:
     changed: list[str] = []
     pending: list[str] = []
@@ -72,8 +139,7 @@ async def execute_async(
             detail = await step.explain() if step.explain else ""
             pending.append(f"{step.title}: {detail}" if detail else step.title)
             continue
-        if progress:
-            progress(step.title)
+        progress.step(where, step.title)
         await step.run()
         changed.append(step.title)
     return PlanResult(changed=tuple(changed), pending=tuple(pending))

@@ -27,7 +27,7 @@ from etcdforge.ops.certs import (
     swap_pair,
     utcnow,
 )
-from etcdforge.ops.plan import PlanResult, Progress, Step, execute
+from etcdforge.ops.plan import SILENT, PlanResult, Progress, Step, execute
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
 from etcdforge.services import local
@@ -215,7 +215,7 @@ def renew(
     days: int | None = None,
     warn_within: dt.timedelta = DEFAULT_WARN_WITHIN,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
 ) -> RenewResult:
     """Reissue leaves in place: --all, one --member, or (by default) those `check` flags."""
     record = record_for(selection)

@@ -18,13 +18,12 @@ from etcdforge.host_logins import close_all, connect_all
 from etcdforge.hosts import Host, fan_out
 from etcdforge.ops import preflight
 from etcdforge.ops.apply import load_host_spec
-from etcdforge.ops.plan import AsyncStep, execute_async
+from etcdforge.ops.plan import SILENT, AsyncStep, Progress, execute_async
 from etcdforge.ops.preflight import DataDirOwner, foreign_data
 from etcdforge.ops.target import Selection
 from etcdforge.services import systemd
 from etcdforge.spec import ClusterSpec, HostPathsSpec
 
-HostProgress = Callable[[str, str], None]
 NOT_DELETING = "not deleting anything; move it away by hand if you are sure"
 
 
@@ -114,12 +113,11 @@ async def _purge(host: Host, paths: HostPathsSpec, token: str | None) -> None:
 
 
 def reset(
-    selection: Selection, purge_data: bool = False, progress: HostProgress | None = None
+    selection: Selection, purge_data: bool = False, progress: Progress = SILENT
 ) -> ResetResult:
     spec, layout, previous = load_host_spec(selection, allow_even=True)
     token = previous.token if previous is not None else None
-    show = progress or (lambda _host, _message: None)
-    removed = asyncio.run(_reset(spec, token, purge_data, show))
+    removed = asyncio.run(_reset(spec, token, purge_data, progress))
     record_removed = None
     if purge_data and layout.cluster_file.exists():
         # The cluster is gone; a new `apply` must get a new token. The PKI (CA keys) stays.
@@ -129,11 +127,14 @@ def reset(
 
 
 async def _reset(
-    spec: ClusterSpec, token: str | None, purge_data: bool, progress: HostProgress
+    spec: ClusterSpec, token: str | None, purge_data: bool, progress: Progress
 ) -> tuple[tuple[str, tuple[str, ...]], ...]:
     paths = spec.host_paths
+    progress.phase("connect")
     hosts = await connect_all(spec)
     try:
+        progress.phase("preflight")
+
         # Login and sudo on every host first: nothing is removed anywhere unless all answer.
         async def check(host: Host) -> None:
             facts = await preflight.probe(host, paths)
@@ -144,9 +145,10 @@ async def _reset(
 
         async def one(host: Host) -> tuple[str, tuple[str, ...]]:
             steps = reset_steps(host, paths, token, purge_data)
-            result = await execute_async(steps, lambda m: progress(host.label, m))
+            result = await execute_async(steps, progress, where=host.label)
             return host.label, result.changed
 
+        progress.phase("remove")
         results = await fan_out(list(hosts.values()), lambda h: h.label, one)
     finally:
         await close_all(hosts)

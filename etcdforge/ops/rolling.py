@@ -20,11 +20,10 @@ from etcdforge.ops.health import (
     require_healthy,
     wait_healthy,
 )
+from etcdforge.ops.plan import Progress
 from etcdforge.record import ClusterRecord
 from etcdforge.services.runtime import MemberRuntime
 
-#: (where, what): a member's label or "cluster", and the step being taken.
-RollProgress = Callable[[str, str], None]
 #: What to do to one member while it is the one down; by default `runtime.restart`.
 MemberAction = Callable[[str], Awaitable[None]]
 
@@ -38,7 +37,7 @@ async def rolling_restart(
     record: ClusterRecord,
     runtime: MemberRuntime,
     reasons: Mapping[str, str],
-    progress: RollProgress,
+    progress: Progress,
     timeout: float = HEALTH_TIMEOUT,
     action: MemberAction | None = None,
 ) -> list[str]:
@@ -56,20 +55,20 @@ async def restart_one(
     runtime: MemberRuntime,
     name: str,
     reason: str,
-    progress: RollProgress,
+    progress: Progress,
     timeout: float = HEALTH_TIMEOUT,
     action: MemberAction | None = None,
 ) -> None:
     """Gate, hand off if it leads, restart, wait until every member is healthy again."""
     label = runtime.label(name)
-    progress("cluster", f"wait for every member to be healthy before restarting {name}")
+    progress.step("cluster", f"wait for every member to be healthy before restarting {name}")
     await require_healthy(record, runtime, f"restarting {name}", timeout)
     moved = False
     with contextlib.suppress(EtcdClientError):  # no hand-off possible: an election follows
         moved = await hand_off_leadership(record, name)
     why = [reason] if reason else []
     why += ["leadership handed to a caught-up follower first"] if moved else []
-    progress(
+    progress.step(
         label, f"restart {runtime.service_name(name)}" + (f": {'; '.join(why)}" if why else "")
     )
     await (action or runtime.restart)(name)

@@ -21,13 +21,13 @@ decided from the running processes, so a rerun after a kill finishes a half-roll
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from etcdforge import pki
 from etcdforge.errors import ServiceError
 from etcdforge.ops.apply import apply, load_host_spec
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
-from etcdforge.ops.plan import Progress, execute
+from etcdforge.ops.plan import SILENT, Progress, StepsOnly, execute
 from etcdforge.ops.renew import cluster_leaves, wait_served
 from etcdforge.ops.rotation_plan import (
     PHASES,
@@ -62,15 +62,12 @@ def _confirm_served(record: ClusterRecord) -> None:
             )
 
 
-def _host_converge(selection: Selection, progress: Progress | None, timeout: float) -> Converge:
+def _host_converge(selection: Selection, progress: Progress, timeout: float) -> Converge:
     """`apply` itself (preflight, files, rolling restarts, health), run once per phase."""
 
-    def show(host: str, message: str) -> None:
-        if progress:
-            progress(f"{host}: {message}")
-
     def run() -> list[str]:
-        return apply(selection, progress=show, timeout=timeout, allow_even=True).restarted
+        nested = StepsOnly(progress)
+        return apply(selection, progress=nested, timeout=timeout, allow_even=True).restarted
 
     return run
 
@@ -100,7 +97,7 @@ def rotate_ca(
     selection: Selection,
     stop_after: str | None = None,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
 ) -> RotateResult:
     record = record_for(selection)
@@ -116,7 +113,9 @@ def rotate_ca(
     if stop_after is not None:
         last = PHASES.index(stop_after) + 1
         tagged = [(phase, step) for phase, step in tagged if phase <= last]
-    result = execute([step for _, step in tagged], progress, dry_run)
+    phases = ("prepare", *PHASES)
+    steps = [replace(step, phase=phases[phase]) for phase, step in tagged]
+    result = execute(steps, progress, dry_run)
     reached = phase_reached(record.layout)
     if not rotation_dir(record.layout).exists():
         phase = "not started" if dry_run else "done"

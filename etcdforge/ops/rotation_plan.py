@@ -21,7 +21,7 @@ from etcdforge.layout import MemberLayout, StateLayout
 from etcdforge.names import KeyAlgorithm
 from etcdforge.ops.certs import bundle_ids, chains_to, fingerprint, swap_pair, write_bundle
 from etcdforge.ops.health import HEALTH_TIMEOUT
-from etcdforge.ops.plan import Step
+from etcdforge.ops.plan import SILENT, Step
 from etcdforge.ops.renew import Leaf, cluster_leaves, renew_step
 from etcdforge.ops.rolling import restart_one
 from etcdforge.record import ClusterRecord
@@ -127,10 +127,6 @@ Converge = Callable[[], list[str]]
 #: A host phase's end: `apply`, then (phase 2) a check that members serve the new leaves.
 AfterHosts = Callable[[], None]
 Tagged = tuple[int, Step]
-
-
-def _quiet(_where: str, _message: str) -> None:
-    """Local restarts show as the step's own title; the roll's detail stays silent."""
 
 
 @dataclass
@@ -259,7 +255,7 @@ class RotationPlan:
                 write_bundle(plane.member_trust(files), wanted(plane))
             if runtime.pid(name) is not None and not runtime.started_after(name, *paths):
                 why = "CA files changed"
-                asyncio.run(restart_one(self.record, runtime, name, why, _quiet, self.timeout))
+                asyncio.run(restart_one(self.record, runtime, name, why, SILENT, self.timeout))
                 self.restarted.append(name)
 
         return Step(title, _safe(lambda: self.later(phase) or correct()), run)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from etcdforge import render
@@ -28,7 +28,7 @@ from etcdforge.ops.admin_state import (
 )
 from etcdforge.ops.cert_import import peer_allowed_cn, pki_steps
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
-from etcdforge.ops.plan import Progress, Step, execute
+from etcdforge.ops.plan import SILENT, Progress, Step, execute
 from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.record import ClusterRecord, new_token
@@ -87,7 +87,7 @@ def _start_step(runtime: LocalRuntime, name: str, started: list[str]) -> Step:
         asyncio.run(runtime.start(name))
         started.append(name)
 
-    return Step(f"start {name}", lambda: runtime.pid(name) is not None, run)
+    return Step(f"start {name}", lambda: runtime.pid(name) is not None, run, phase="start")
 
 
 def up_steps(
@@ -97,20 +97,21 @@ def up_steps(
     started: list[str],
     pki_dir: Path | None = None,
 ) -> list[Step]:
-    steps = state_dir_steps(layout)
-    steps += pki_steps(spec, layout, pki_dir)
+    steps = [*state_dir_steps(layout), *pki_steps(spec, layout, pki_dir)]
+    steps = [replace(step, phase="PKI") for step in steps]
     # An imported PKI has one CA for both planes: pin the peer port to the peers' CN.
     allowed_cn = peer_allowed_cn(layout, pki_dir)
-    flags = {}
+    files_steps = []
     for member in spec.members:
         files = layout.member(member.name)
         settings = render.etcd_settings(
             spec, member, files, record.token, peer_allowed_cn=allowed_cn
         )
-        flags[member.name] = render.as_flags(settings)
-        steps.append(dir_step(f"create the data directory of {member.name}", files.data_dir))
-        steps.append(_flags_step(files.flags_file, flags[member.name], member.name))
-    steps.append(record_step(layout, record))
+        title = f"create the data directory of {member.name}"
+        files_steps.append(dir_step(title, files.data_dir))
+        files_steps.append(_flags_step(files.flags_file, render.as_flags(settings), member.name))
+    files_steps.append(record_step(layout, record))
+    steps += [replace(step, phase="member files") for step in files_steps]
     runtime = LocalRuntime(record)
     steps += [_start_step(runtime, m.name, started) for m in spec.members]
     return steps
@@ -121,7 +122,7 @@ def up(
     members: int | None = None,
     allow_even: bool = False,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
     pki_dir: Path | None = None,
 ) -> UpResult:
@@ -146,8 +147,8 @@ def up(
     steps = up_steps(spec, layout, record, started, pki_dir)
     result = execute(steps, progress, dry_run)
     if not dry_run:
-        if progress:
-            progress("wait for every member to be healthy")
+        progress.phase("health")
+        progress.step("cluster", "wait for every member to be healthy")
         asyncio.run(wait_healthy(record, runtime, timeout))
     return UpResult(
         cluster=spec.name,
