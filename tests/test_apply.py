@@ -11,6 +11,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -370,6 +371,39 @@ def test_members_running_other_settings_restart_one_at_a_time(deployed: Deployed
     assert "settings ETCD_HEARTBEAT_INTERVAL" in progress[restarts[0]]
     assert all(r["healthy"] for r in statuses(deployed))
     assert deployed.etcdctl("get", "before-roll", "--print-value-only").stdout.strip() == "1"
+
+
+def test_rotate_ca_is_refused_while_apply_changes_the_cluster(deployed: Deployed) -> None:
+    """Two commands never change one cluster at once: while `apply` rolls the members, a
+    `certs rotate-ca` (from another shell, same admin machine) is refused with the holder and
+    changes nothing; once `apply` is done, a waiting one goes ahead."""
+    for host in deployed.hosts:  # give `apply` a rolling restart to do
+        host.run("sh", "-c", "echo ETCD_ELECTION_TIMEOUT=1200 >> /etc/etcd/etcd.env")
+        host.run("systemctl", "restart", "etcd.service", timeout=120)
+    env = {**os.environ, **deployed.env}
+    args = ["-m", "etcdforge", "apply", "-f", str(deployed.spec)]
+    applying = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert applying.stderr is not None
+        for line in applying.stderr:  # bounded: apply ends, or the marker shows up
+            if "before restarting" in line:
+                break
+        refused = deployed.cli("certs", "rotate-ca")
+        assert refused.code == 1
+        line = refused.stderr.strip().splitlines()[-1]
+        assert "is locked by" in line and "etcdforge apply" in line, refused.stderr
+        assert not (deployed.state / "pki" / "rotation").exists(), "nothing changed"
+        waited = deployed.cli("certs", "rotate-ca", "--stop-after", "trust", "--wait-lock", "5m")
+        assert waited.code == 0, waited.stderr
+    finally:
+        applying.communicate(timeout=600)
+    assert applying.returncode == 0
+    resumed = deployed.cli("certs", "rotate-ca", timeout=600)  # finish what was paused
+    assert resumed.code == 0, resumed.stderr
+    assert all(r["healthy"] for r in statuses(deployed))
 
 
 def test_cut_host_cluster_keeps_writing_then_member_catches_up(deployed: Deployed) -> None:

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 import click
 
 from etcdforge.cli.common import (
+    DIRECTORY,
     EXIT_ERROR,
+    FILE,
+    changing_options,
     cluster_options,
     exclusive,
     timeout_option,
-    wait_lock_option,
 )
 
 if TYPE_CHECKING:
@@ -51,11 +53,9 @@ def certs_group() -> None:
 
 @certs_group.command("gencert")
 @click.option("-initca", "initca", is_flag=True, help="Create a self-signed CA from the CSR.")
-@click.option("-ca", "ca", type=click.Path(path_type=Path, dir_okay=False), help="CA cert.")
-@click.option("-ca-key", "ca_key", type=click.Path(path_type=Path, dir_okay=False), help="CA key.")
-@click.option(
-    "-config", "config", type=click.Path(path_type=Path, dir_okay=False), help="ca-config.json."
-)
+@click.option("-ca", "ca", type=FILE, help="CA cert.")
+@click.option("-ca-key", "ca_key", type=FILE, help="CA key.")
+@click.option("-config", "config", type=FILE, help="ca-config.json.")
 @click.option("-profile", "profile", help="Signing profile in the config (default: default).")
 @click.option("-hostname", "hostname", help="Comma-separated hosts overriding the CSR's hosts.")
 @click.option("-bare", "bare", help="File name prefix (default: ca, or the profile name).")
@@ -63,12 +63,12 @@ def certs_group() -> None:
     "--out",
     "-out",
     "out",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     default=Path("."),
     help="Directory for NAME.pem, NAME-key.pem, NAME.csr (default: current).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing CA key with -initca.")
-@click.argument("csr_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("csr_file", type=FILE)
 def gencert_cmd(
     initca: bool,
     ca: Path | None,
@@ -115,7 +115,7 @@ def gencert_cmd(
 @cluster_options
 @click.option(
     "--pki-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     help="Check a cfssl directory (ca.pem, server.pem, ...) instead of a deployed cluster; "
     "with -f, also its member addresses.",
 )
@@ -161,14 +161,13 @@ def _print_check_table(report: CheckReport) -> None:
 
 
 @certs_group.command("renew")
-@cluster_options
+@changing_options
 @click.option("--all", "all_leaves", is_flag=True, help="Every member certificate and the admin's.")
 @click.option("--member", help="Only this member's server and peer certificates.")
 @click.option("--new-key", is_flag=True, help="Generate new keys too (default: keep the keys).")
 @click.option("--days", type=click.IntRange(1, 36500), help="Validity (default: the spec's).")
 @warn_option
 @click.option("--dry-run", is_flag=True, help="Print what would be renewed; change nothing.")
-@wait_lock_option()
 def renew_cmd(
     selection: Selection,
     all_leaves: bool,
@@ -220,7 +219,7 @@ def renew_cmd(
 
 
 @certs_group.command("rotate-ca")
-@cluster_options
+@changing_options
 @click.option(
     "--stop-after",
     type=click.Choice(["trust", "reissue"]),
@@ -228,7 +227,6 @@ def renew_cmd(
 )
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @timeout_option("Seconds to wait for health after each member restart.")
-@wait_lock_option()
 def rotate_ca_cmd(
     selection: Selection, stop_after: str | None, dry_run: bool, timeout: float, wait_lock: float
 ) -> None:

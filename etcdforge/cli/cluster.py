@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import click
 
 from etcdforge.cli.common import (
+    DIRECTORY,
     EXIT_ERROR,
+    changing_options,
     cluster_options,
     exclusive,
     timeout_option,
-    wait_lock_option,
     warn,
 )
 
@@ -24,17 +25,16 @@ if TYPE_CHECKING:
 
 
 @click.command("up")
-@cluster_options
+@changing_options
 @click.option("--members", type=click.IntRange(1, 7), help="Member count for the default cluster.")
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @timeout_option("Seconds to wait for every member to be healthy.")
 @click.option(
     "--pki-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     help="Import an existing cfssl PKI (ca.pem, server.pem, peer.pem, client.pem and keys).",
 )
-@wait_lock_option()
 def up_cmd(
     selection: Selection,
     members: int | None,
@@ -67,9 +67,8 @@ def up_cmd(
 
 
 @click.command("down")
-@cluster_options
+@changing_options
 @click.option("--purge", is_flag=True, help="Also delete the data directories and the PKI.")
-@wait_lock_option()
 def down_cmd(selection: Selection, purge: bool, wait_lock: float) -> None:
     """Stop the local members (their data and PKI stay unless --purge)."""
     from etcdforge.ops.down import down

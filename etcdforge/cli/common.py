@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from etcdforge.ops.target import Selection
 
 EXIT_ERROR = 1
+FILE = click.Path(path_type=Path, dir_okay=False)
+DIRECTORY = click.Path(path_type=Path, file_okay=False)
 F = TypeVar("F", bound=Callable[..., Any])
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -49,12 +51,12 @@ def cluster_options(func: F) -> F:
         "-f",
         "--file",
         "file",
-        type=click.Path(path_type=Path, dir_okay=False),
+        type=FILE,
         help="Cluster YAML (default: the embedded local cluster).",
     )
     @click.option(
         "--state-dir",
-        type=click.Path(path_type=Path, file_okay=False),
+        type=DIRECTORY,
         envvar="ETCDFORGE_STATE_DIR",
         help="This cluster's state directory (default: $XDG_STATE_HOME/etcdforge/<cluster>).",
     )
@@ -122,6 +124,11 @@ def wait_lock_option() -> Callable[[F], F]:
         help="When another command is changing this cluster, wait up to DURATION (30s, 2m, "
         "1h30m) for it instead of refusing at once.",
     )
+
+
+def changing_options(func: F) -> F:
+    """A command that changes a cluster: how it names the cluster, and `--wait-lock`."""
+    return cluster_options(wait_lock_option()(func))
 
 
 @contextlib.contextmanager

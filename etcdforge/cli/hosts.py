@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import click
 
 from etcdforge.cli.common import (
+    changing_options,
     cluster_options,
     exclusive,
     timeout_option,
-    wait_lock_option,
     warn,
 )
 
@@ -52,14 +52,13 @@ def _print_plan(result: ApplyResult) -> None:
 
 
 @click.command("apply")
-@cluster_options
+@changing_options
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
 @timeout_option(
     "Seconds to wait for the cluster to be healthy (after starts, around each restart).",
     default=120.0,
     maximum=3600,
 )
-@wait_lock_option()
 def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock: float) -> None:
     """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""
     from etcdforge.ops.apply import apply
@@ -81,10 +80,9 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
 
 
 @click.command("reset")
-@cluster_options
+@changing_options
 @click.option("--purge-data", is_flag=True, help="Also delete the members' data directories.")
 @click.option("--yes", is_flag=True, help="Do not ask before deleting data.")
-@wait_lock_option()
 def reset_cmd(selection: Selection, purge_data: bool, yes: bool, wait_lock: float) -> None:
     """Stop and remove what etcdforge installed on the hosts (data only with --purge-data)."""
     from etcdforge.ops.reset import reset

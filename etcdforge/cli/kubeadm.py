@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from etcdforge.cli.common import (
+    DIRECTORY,
     EXIT_ERROR,
+    FILE,
+    changing_options,
     cluster_options,
     exclusive,
-    wait_lock_option,
     warn,
 )
 
@@ -79,7 +81,7 @@ def kubeadm_group() -> None:
 )
 @click.option(
     "--merge",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     help="Rewrite this kubeadm config file to use the cluster, keeping everything else.",
 )
 @click.option("--dry-run", is_flag=True, help="With --merge: print the result, write nothing.")
@@ -123,7 +125,7 @@ def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
 @cluster_options
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     help="Install into this directory, laid out like /etc/kubernetes/pki.",
 )
 @click.option(
@@ -143,12 +145,12 @@ def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
 @click.option("--ssh-port", type=int, help="SSH port where HOST has no :PORT  [default: 22]")
 @click.option(
     "--ssh-key",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     help="Identity file (only this key is offered)  [default: agent and ~/.ssh/id_*]",
 )
 @click.option(
     "--known-hosts",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=FILE,
     help="known_hosts file; host keys are always checked  [default: ~/.ssh/known_hosts]",
 )
 @click.option(
@@ -254,14 +256,14 @@ def _print_check(rows: tuple[CheckRow, ...]) -> None:
 
 
 @kubeadm_group.command("migrate")
-@cluster_options
+@changing_options
 @path_options
 @click.option("--from", "source", required=True, metavar="URL", help="One stacked etcd endpoint.")
 @click.option(
     "--from-pki",
     "source_pki",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False),
+    type=DIRECTORY,
     help="kubeadm's etcd pki dir (ca.crt, healthcheck-client.crt ...) or a copy of it.",
 )
 @click.option("--replace", is_flag=True, help="Replace data the target cluster already holds.")
@@ -273,7 +275,6 @@ def _print_check(rows: tuple[CheckRow, ...]) -> None:
 )
 @click.option("--api", type=API_CHOICE, default="v1beta4", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
-@wait_lock_option()
 def migrate_cmd(
     selection: Selection,
     paths: Any,
