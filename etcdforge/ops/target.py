@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from etcdforge.errors import SpecError
 from etcdforge.layout import StateLayout, resolve_state_dir
+from etcdforge.names import SAFE_NAME
 from etcdforge.record import ClusterRecord, read_record, require_record
 
 if TYPE_CHECKING:
@@ -100,9 +101,7 @@ def spec_identity(path: Path) -> tuple[str, Path | None] | None:
     That is all a command needs to find the deployed record, which holds the spec validated at
     deploy time; skipping pydantic here keeps `status -f` and `env -f` quick.
     """
-    import yaml
-
-    from etcdforge.names import SAFE_NAME
+    import yaml  # only `-f` needs YAML; `status` without it skips the import
 
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader(yaml))
