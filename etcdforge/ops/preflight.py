@@ -14,15 +14,15 @@ from enum import Enum
 
 from etcdforge.errors import PreflightError
 from etcdforge.hosts import CommandResult, Host, last_line
-from etcdforge.services.systemd import SHOW_PROPERTIES, UnitState, env_file, parse_show
+from etcdforge.services.systemd import UnitState, env_file, parse_show, show_script
 from etcdforge.spec import HostPathsSpec, MemberSpec
 
 MAX_CLOCK_SKEW = 60.0
 MIN_FREE_DATA = 1 << 30  # a fresh member preallocates ~123 MB of WAL; leave room to grow
 MIN_FREE_RELEASES = 256 << 20  # one release unpacked is ~60 MB
 
-_PROBE = r"""
-data=$1 releases=$2 envfile=$3 unit=$4  # $5: the unit properties to show
+_PROBE_TEMPLATE = r"""
+data=$1 releases=$2 envfile=$3 unit=$4
 echo "uid=$(id -u)"
 echo "arch=$(uname -m)"
 command -v systemctl >/dev/null && echo "systemd=yes" || echo "systemd=no"
@@ -37,12 +37,15 @@ echo "free_releases=$(free "$releases")"
 if [ -f "$envfile" ]; then
   echo "env_token=$(sed -n 's/^ETCD_INITIAL_CLUSTER_TOKEN=//p' "$envfile")"
 fi
-systemctl show -p "$5" -- "$unit" | sed 's/^/unit_/'
-systemctl show -p "$5" -- etcd.service | sed 's/^/distro_/'
+{show_unit}
+{show_distro}
 echo "listeners<<"
 ss -Htlnp 2>/dev/null
 echo ">>"
 """
+_PROBE = _PROBE_TEMPLATE.replace("{show_unit}", show_script('"$unit"', "unit_")).replace(
+    "{show_distro}", show_script("etcd.service", "distro_")
+)
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,6 @@ def probe_failure(host: Host, result: CommandResult) -> PreflightError:
 async def probe(host: Host, paths: HostPathsSpec) -> HostFacts:
     """Log in (sudo included) and read the host's state; raises if sudo does not work."""
     args = [str(paths.data_dir), str(paths.releases_dir), str(env_file(paths)), paths.unit.name]
-    args.append(",".join(SHOW_PROPERTIES))
     before = time.time()
     result = await host.run(["sh", "-c", _PROBE, "sh", *args], check=False)
     after = time.time()

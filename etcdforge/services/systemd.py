@@ -142,6 +142,12 @@ def parse_show(text: str, prefix: str = "") -> UnitState:
     )
 
 
+def show_script(unit: str, prefix: str) -> str:
+    """The same `systemctl show` as a shell line whose output `parse_show(.., prefix)` reads;
+    for probes that gather everything about a host in one round trip. `unit` is shell text."""
+    return f'systemctl show -p {",".join(SHOW_PROPERTIES)} -- {unit} | sed "s/^/{prefix}/"'
+
+
 def show_argv(name: str) -> list[str]:
     return ["systemctl", "show", "-p", ",".join(SHOW_PROPERTIES), "--", name]
 
