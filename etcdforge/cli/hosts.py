@@ -6,13 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from etcdforge.cli.common import (
-    changing_options,
-    cluster_options,
-    exclusive,
-    timeout_option,
-    warn,
-)
+from etcdforge.cli import common
 
 if TYPE_CHECKING:
     from etcdforge.ops.apply import ApplyResult
@@ -20,7 +14,7 @@ if TYPE_CHECKING:
 
 
 @click.command("plan")
-@cluster_options
+@common.cluster_options
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
 def plan_cmd(selection: Selection, allow_even: bool) -> None:
     """Show what `apply` would change on each host; change nothing."""
@@ -30,7 +24,7 @@ def plan_cmd(selection: Selection, allow_even: bool) -> None:
     with Board() as board:
         result = apply(selection, dry_run=True, progress=board, allow_even=allow_even)
     for message in result.warnings:
-        warn(message)
+        common.warn(message)
     _print_plan(result)
 
 
@@ -52,9 +46,9 @@ def _print_plan(result: ApplyResult) -> None:
 
 
 @click.command("apply")
-@changing_options
+@common.changing_options
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
-@timeout_option(
+@common.timeout_option(
     "Seconds to wait for the cluster to be healthy (after starts, around each restart).",
     default=120.0,
     maximum=3600,
@@ -63,10 +57,10 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
     """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""
     from etcdforge.ops.apply import apply
 
-    with exclusive(selection, wait_lock) as board:
+    with common.exclusive(selection, wait_lock) as board:
         result = apply(selection, progress=board, timeout=timeout, allow_even=allow_even)
     for message in result.warnings:
-        warn(message)
+        common.warn(message)
     summary = f"cluster {result.cluster}: {len(result.hosts)} member(s), etcd {result.version}"
     if not result.changed_anything:
         click.echo(f"{summary}: healthy; nothing changed, nothing restarted")
@@ -80,7 +74,7 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
 
 
 @click.command("reset")
-@changing_options
+@common.changing_options
 @click.option("--purge-data", is_flag=True, help="Also delete the members' data directories.")
 @click.option("--yes", is_flag=True, help="Do not ask before deleting data.")
 def reset_cmd(selection: Selection, purge_data: bool, yes: bool, wait_lock: float) -> None:
@@ -93,7 +87,7 @@ def reset_cmd(selection: Selection, purge_data: bool, yes: bool, wait_lock: floa
             abort=True,
             err=True,
         )
-    with exclusive(selection, wait_lock) as board:
+    with common.exclusive(selection, wait_lock) as board:
         result = reset(selection, purge_data, progress=board)
     click.echo(f"cluster {result.cluster}: reset")
     for label, steps in result.removed:
