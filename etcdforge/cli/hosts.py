@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from etcdforge.cli import common
+from etcdforge.cli.common import (
+    changing_options,
+    cluster_options,
+    exclusive,
+    timeout_option,
+    warn,
+)
 
 if TYPE_CHECKING:
     from etcdforge.ops.apply import ApplyResult
@@ -14,7 +20,7 @@ if TYPE_CHECKING:
 
 
 @click.command("plan")
-@common.cluster_options
+@cluster_options
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
 def plan_cmd(selection: Selection, allow_even: bool) -> None:
     """Show what `apply` would change on each host; change nothing."""
@@ -24,7 +30,7 @@ def plan_cmd(selection: Selection, allow_even: bool) -> None:
     with Board() as board:
         result = apply(selection, dry_run=True, progress=board, allow_even=allow_even)
     for message in result.warnings:
-        common.warn(message)
+        warn(message)
     _print_plan(result)
 
 
@@ -46,9 +52,9 @@ def _print_plan(result: ApplyResult) -> None:
 
 
 @click.command("apply")
-@common.changing_options
+@changing_options
 @click.option("--allow-even", is_flag=True, help="Accept an even member count.")
-@common.timeout_option(
+@timeout_option(
     "Seconds to wait for the cluster to be healthy (after starts, around each restart).",
     default=120.0,
     maximum=3600,
@@ -57,10 +63,10 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
     """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""
     from etcdforge.ops.apply import apply
 
-    with common.exclusive(selection, wait_lock) as board:
+    with exclusive(selection, wait_lock) as board:
         result = apply(selection, progress=board, timeout=timeout, allow_even=allow_even)
     for message in result.warnings:
-        common.warn(message)
+        warn(message)
     summary = f"cluster {result.cluster}: {len(result.hosts)} member(s), etcd {result.version}"
     if not result.changed_anything:
         click.echo(f"{summary}: healthy; nothing changed, nothing restarted")
@@ -74,7 +80,7 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
 
 
 @click.command("reset")
-@common.changing_options
+@changing_options
 @click.option("--purge-data", is_flag=True, help="Also delete the members' data directories.")
 @click.option("--yes", is_flag=True, help="Do not ask before deleting data.")
 def reset_cmd(selection: Selection, purge_data: bool, yes: bool, wait_lock: float) -> None:
@@ -87,7 +93,7 @@ def reset_cmd(selection: Selection, purge_data: bool, yes: bool, wait_lock: floa
             abort=True,
             err=True,
         )
-    with common.exclusive(selection, wait_lock) as board:
+    with exclusive(selection, wait_lock) as board:
         result = reset(selection, purge_data, progress=board)
     click.echo(f"cluster {result.cluster}: reset")
     for label, steps in result.removed:

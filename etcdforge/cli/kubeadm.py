@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from etcdforge.cli import common
+from etcdforge.cli.common import (
+    DIRECTORY,
+    EXIT_ERROR,
+    FILE,
+    changing_options,
+    cluster_options,
+    exclusive,
+    warn,
+)
 
 if TYPE_CHECKING:
     from etcdforge.hosts import SSHTarget
@@ -57,7 +65,7 @@ def path_options(func: F) -> F:
 
 def _endpoint_warning(found: ClusterEndpoints) -> None:
     if found.warning:
-        common.warn(found.warning)
+        warn(found.warning)
 
 
 @click.group("kubeadm")
@@ -66,14 +74,14 @@ def kubeadm_group() -> None:
 
 
 @kubeadm_group.command("config")
-@common.cluster_options
+@cluster_options
 @path_options
 @click.option(
     "--api", type=API_CHOICE, help="kubeadm API version (default v1beta4; --merge: the file's)."
 )
 @click.option(
     "--merge",
-    type=common.FILE,
+    type=FILE,
     help="Rewrite this kubeadm config file to use the cluster, keeping everything else.",
 )
 @click.option("--dry-run", is_flag=True, help="With --merge: print the result, write nothing.")
@@ -102,7 +110,7 @@ def config_cmd(
 
 
 @kubeadm_group.command("apiserver-flags")
-@common.cluster_options
+@cluster_options
 @path_options
 def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
     """Print the kube-apiserver --etcd-* flags for control planes not made by kubeadm."""
@@ -114,9 +122,11 @@ def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
 
 
 @kubeadm_group.command("certs")
-@common.cluster_options
+@cluster_options
 @click.option(
-    "--out", type=common.DIRECTORY, help="Install here, laid out like /etc/kubernetes/pki."
+    "--out",
+    type=DIRECTORY,
+    help="Install into this directory, laid out like /etc/kubernetes/pki.",
 )
 @click.option(
     "--control-plane",
@@ -133,8 +143,16 @@ def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
 )
 @click.option("--ssh-user", help="Login user where HOST has no USER@  [default: root]")
 @click.option("--ssh-port", type=int, help="SSH port where HOST has no :PORT  [default: 22]")
-@click.option("--ssh-key", type=common.FILE, help="Only this identity  [default: agent, ~/.ssh]")
-@click.option("--known-hosts", type=common.FILE, help="Host keys  [default: ~/.ssh/known_hosts]")
+@click.option(
+    "--ssh-key",
+    type=FILE,
+    help="Identity file (only this key is offered)  [default: agent and ~/.ssh/id_*]",
+)
+@click.option(
+    "--known-hosts",
+    type=FILE,
+    help="known_hosts file; host keys are always checked  [default: ~/.ssh/known_hosts]",
+)
 @click.option(
     "--become/--no-become",
     default=None,
@@ -195,7 +213,7 @@ def certs_cmd(
         _endpoint_warning(result.endpoints)
         _print_check(result.rows)
         if not all(row.ok for row in result.rows):
-            raise click.exceptions.Exit(common.EXIT_ERROR)
+            raise click.exceptions.Exit(EXIT_ERROR)
         return
     plan = result.plan
     assert plan is not None
@@ -238,14 +256,14 @@ def _print_check(rows: tuple[CheckRow, ...]) -> None:
 
 
 @kubeadm_group.command("migrate")
-@common.changing_options
+@changing_options
 @path_options
 @click.option("--from", "source", required=True, metavar="URL", help="One stacked etcd endpoint.")
 @click.option(
     "--from-pki",
     "source_pki",
     required=True,
-    type=common.DIRECTORY,
+    type=DIRECTORY,
     help="kubeadm's etcd pki dir (ca.crt, healthcheck-client.crt ...) or a copy of it.",
 )
 @click.option("--replace", is_flag=True, help="Replace data the target cluster already holds.")
@@ -275,7 +293,7 @@ def migrate_cmd(
     """
     from etcdforge.ops.kubeadm_migrate import migrate
 
-    with common.exclusive(selection, wait_lock, dry_run) as progress:
+    with exclusive(selection, wait_lock, dry_run) as progress:
         result = migrate(
             selection,
             source,
@@ -288,7 +306,7 @@ def migrate_cmd(
             progress,
         )
     for message in result.warnings:
-        common.warn(message)
+        warn(message)
     if dry_run:
         click.echo(f"{len(result.plan.pending)} step(s) would run, then start and verify")
         for title in result.plan.pending:
