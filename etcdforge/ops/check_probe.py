@@ -223,11 +223,7 @@ def member_facts(
 ) -> MemberFacts:
     """One member's facts from its process and its machine's probe (either may be missing)."""
     settings = running_settings(running) if running is not None else {}
-    if probe is None:
-        return MemberFacts(
-            name, label, running is not None, settings, error, data_dir, None,
-            expected_owner=expected_owner,
-        )  # fmt: skip
+    probe = probe or Probe()
     return MemberFacts(
         name=name,
         label=label,
