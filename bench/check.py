@@ -22,11 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,39 +79,76 @@ def etcdctl_env(spec: Path, env: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def floor(hosts: list[Host], etcdctl: Path, env: dict[str, str]) -> float:
+@dataclass
+class Series:
+    """Wall time and admin-side CPU (this process's children, or itself) of repeated runs."""
+
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+
+    def add(self, wall: float, cpu: float) -> None:
+        self.walls.append(wall)
+        self.cpus.append(cpu)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
+
+    def line(self, name: str) -> str:
+        runs = ", ".join(f"{t:.3f}" for t in self.walls)
+        return f"  {name}\n      wall {self.wall:.3f} s, cpu {self.cpu:.3f} s  (wall runs: {runs})"
+
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(
+    work: Callable[[], object], who: int = resource.RUSAGE_CHILDREN
+) -> tuple[float, float]:
+    cpu, started = cpu_seconds(who), time.monotonic()
+    work()
+    return time.monotonic() - started, cpu_seconds(who) - cpu
+
+
+def host_audit(host: Host) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        host.ssh_argv("sudo", "-n", "sh", "-c", HOST_AUDIT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def floor(hosts: list[Host], etcdctl: Path, env: dict[str, str], parallel: bool) -> None:
     """kube-bench-equivalent work by hand: ssh ps/environ/stat per host, then etcdctl."""
-    started = time.monotonic()
-    sessions = [
-        subprocess.Popen(
-            h.ssh_argv("sudo", "-n", "sh", "-c", HOST_AUDIT),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for h in hosts
-    ]
-    for session in sessions:
+    if parallel:
+        sessions = [host_audit(h) for h in hosts]
+    for index, host in enumerate(hosts):
+        session = sessions[index] if parallel else host_audit(host)
         out, err = session.communicate(timeout=60)
         if session.returncode != 0 or "ETCD_CLIENT_CERT_AUTH=true" not in out:
-            raise SystemExit(f"floor: host audit failed: {err or out}")
+            raise SystemExit(f"floor: host audit of {host.address} failed: {err or out}")
     for command in (["endpoint", "health"], ["endpoint", "status"], ["endpoint", "hashkv"]):
         subprocess.run(
             [str(etcdctl), "--command-timeout=10s", *command],
             capture_output=True, text=True, env=env, timeout=60, check=True,
         )  # fmt: skip
-    return time.monotonic() - started
 
 
-def etcdforge_check(spec: Path, env: dict[str, str]) -> tuple[float, int]:
-    started = time.monotonic()
+def etcdforge_check(spec: Path, env: dict[str, str]) -> int:
+    """One `etcdforge check -o json` in a new process; every row but the backup hook passes."""
     result = cli("check", "-f", str(spec), "-o", "json", env=env, ok=(0, 3))
-    took = time.monotonic() - started
     report = json.loads(result.stdout)
     failing = [r for r in report["rows"] if r["result"] == "fail"]
     if failing:
         raise SystemExit(f"check failed on a healthy cluster: {failing}")
-    return took, len(report["rows"])
+    return len(report["rows"])
 
 
 def release(work: Path) -> tuple[str, Path]:
@@ -122,8 +162,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="check on 3 real hosts vs the same audit by hand")
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
-    floors: list[float] = []
-    checks: list[float] = []
+    by_hand, scripted, checks, in_process = Series(), Series(), Series(), Series()
+    rows: list[int] = []
     with tempfile.TemporaryDirectory(prefix="etcdforge-bench-") as tmp:
         work = Path(tmp)
         version, tarball = release(work)
@@ -141,33 +181,29 @@ def main() -> None:
                 tools = release_dir(version) / "etcdctl"
                 etcdctl = tools if tools.exists() else etcdctl_binary()
                 ctl_env = etcdctl_env(spec, env)
-                floor(hosts, etcdctl, ctl_env)  # warm ssh host keys, page cache, etcd
+                floor(hosts, etcdctl, ctl_env, parallel=True)  # warm page cache, etcd
                 etcdforge_check(spec, env)
-                for _ in range(args.runs):
-                    floors.append(floor(hosts, etcdctl, ctl_env))
-                    took, rows = etcdforge_check(spec, env)
-                    checks.append(took)
-                in_process = []
+                for _ in range(args.runs):  # interleaved: load drift hits every series alike
+                    by_hand.add(*measured(lambda: floor(hosts, etcdctl, ctl_env, False)))
+                    scripted.add(*measured(lambda: floor(hosts, etcdctl, ctl_env, True)))
+                    checks.add(*measured(lambda: rows.append(etcdforge_check(spec, env))))
                 for _ in range(3):
-                    started = time.monotonic()
-                    check(Selection(file=spec))
-                    in_process.append(time.monotonic() - started)
+                    run = lambda: check(Selection(file=spec))  # noqa: E731
+                    in_process.add(*measured(run, resource.RUSAGE_SELF))
             finally:
                 cli("reset", "-f", str(spec), "--purge-data", "--yes", env=env)
-    base, mine = statistics.median(floors), statistics.median(checks)
-    print(
-        f"etcdforge check on 3 hosts (etcd {version}), {args.runs} runs each, interleaved (medians)"
-    )
-    print(
-        f"  floor by hand (ssh ps+environ+stat per host in parallel; etcdctl endpoint "
-        f"health, status, hashkv): {base:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in floors)})"
-    )
-    print(
-        f"  etcdforge check -o json (new process, {rows} rows): {mine:.3f} s  "
-        f"(runs: {', '.join(f'{t:.3f}' for t in checks)})"
-    )
-    print(f"  ratio check / floor: {mine / base:.2f}  (goal <= 1.5)")
-    print(f"  check in-process, imports warm (median of 3): {statistics.median(in_process):.3f} s")
+    print(f"etcdforge check on 3 hosts (etcd {version}), {args.runs} runs each, interleaved")
+    print("medians of wall time and of admin-side CPU (user+sys of the processes run here)")
+    print(by_hand.line("floor by hand: per host in turn, one ssh (ps, ETCD_* environ, stat); "
+                       "then etcdctl endpoint health, status, hashkv"))  # fmt: skip
+    print(scripted.line("floor scripted: the same with the 3 ssh sessions in parallel"))
+    print(checks.line(f"etcdforge check -o json: new process, every check ({rows[-1]} rows)"))
+    print(in_process.line("etcdforge check in-process, imports warm (3 runs)"))
+    for name, base in (("by hand", by_hand), ("scripted", scripted)):
+        print(
+            f"  ratio check / floor {name}: wall {checks.wall / base.wall:.2f}, "
+            f"cpu {checks.cpu / base.cpu:.2f}  (goal <= 1.5)"
+        )
 
 
 if __name__ == "__main__":
