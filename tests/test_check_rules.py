@@ -153,6 +153,16 @@ def test_etcdforge_cluster_passes_everything_but_the_backup_hook() -> None:
     assert CheckReport("c", NOW, tuple(run_checks(CHECKS, facts))).exit_code == 3
 
 
+def test_recorded_host_cluster_from_etcd_variables_passes() -> None:
+    """Three fleet hosts deployed by `apply`: settings only in ETCD_* variables, data etcd:etcd."""
+    facts = recorded("hosts-healthy.json")
+    assert facts.on_hosts and not_passing(facts) == {BACKUP: Result.WARN}
+    assert all(m.settings["client-cert-auth"] == "true" for m in facts.members)
+    assert {m.expected_owner for m in facts.members} == {"etcd:etcd"}
+    opened = with_member(facts, "etcd-2", data_dir_stat=FileStat(0o755, "etcd:etcd"))
+    assert not_passing(opened) == {("cis-1.1.11", "etcd-2"): Result.FAIL, BACKUP: Result.WARN}
+
+
 def test_every_check_cites_a_source_and_ids_are_unique() -> None:
     assert len({c.id for c in CHECKS}) == len(CHECKS)
     assert all(c.source and c.title for c in CHECKS)
