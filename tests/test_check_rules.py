@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from etcdforge.client import Alarm, HashKV, Member
+from etcdforge.client import Alarm, EndpointStatus, HashKV, Member
 from etcdforge.ops import check_sources, checks_cluster
 from etcdforge.ops.check import CHECKS, CheckReport, textfile
 from etcdforge.ops.check_model import (
@@ -334,6 +334,25 @@ def test_unhealthy_member_fails_health() -> None:
     down = with_status(healthy(), "m2", healthy=False, error="https://m2: connection refused")
     row = results(down)[("health", "m2")]
     assert row.result is Result.FAIL and "refused" in row.seen
+
+
+def test_cluster_down_fails_health_and_warns_what_it_cannot_read() -> None:
+    facts = healthy()
+    gone = {
+        n: EndpointStatus(s.endpoint, error=f"{s.endpoint}: refused")
+        for n, s in facts.status_start.items()
+    }
+    down = dataclasses.replace(
+        facts, status_start=gone, status_end=gone, member_list=None, alarms=None,
+        hash_revision=None, hashes={}, errors={"member_list": "no endpoint answered"},
+    )  # fmt: skip
+    found = not_passing(down)
+    assert {k for k, v in found.items() if v is Result.FAIL} == {
+        ("health", "m1"), ("health", "m2"), ("health", "m3"), ("health-leader", "cluster"),
+    }  # fmt: skip
+    for key in (("raft-term", "cluster"), ("voters-odd", "cluster"), ("learner-progress", "m1"),
+                ("storage-fragmentation", "m2"), ("consistency-hashkv", "m3")):  # fmt: skip
+        assert found[key] is Result.WARN, key
 
 
 def test_alarms_quota_fragmentation_and_disk() -> None:

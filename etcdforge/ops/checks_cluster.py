@@ -147,7 +147,9 @@ def odd_voters(facts: Facts) -> Verdict:
 
 def learner_progress(member: MemberFacts, facts: Facts) -> Verdict:
     start, end = facts.status_start.get(member.name), facts.status_end.get(member.name)
-    if start is None or not start.is_learner:
+    if start is None or start.member_id is None:
+        return warned("not read: the member did not answer", "check health")
+    if not start.is_learner:
         return passed("voting member")
     leader = next((s for s in facts.status_start.values() if s.is_leader), None)
     mine, top = start.raft_index or 0, (leader.raft_index or 0) if leader else 0
@@ -165,6 +167,8 @@ def learner_progress(member: MemberFacts, facts: Facts) -> Verdict:
 def term_churn(facts: Facts) -> Verdict:
     before = max((s.raft_term or 0 for s in _reachable(facts.status_start)), default=0)
     after = max((s.raft_term or 0 for s in _reachable(facts.status_end)), default=0)
+    if not before:
+        return warned("not read: no member answered", "check health")
     if after <= before:
         return passed(f"raft term {before} throughout")
     return warned(

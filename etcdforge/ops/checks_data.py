@@ -101,8 +101,10 @@ def db_quota(member: MemberFacts, facts: Facts) -> Verdict:
 
 def fragmentation(member: MemberFacts, facts: Facts) -> Verdict:
     status = facts.status_start.get(member.name)
-    if status is None or not status.db_size or status.db_size_in_use is None:
-        return passed("not reported")
+    if status is None or status.member_id is None or not status.db_size:
+        return warned("not read: the member did not answer", "check health")
+    if status.db_size_in_use is None:
+        return passed(f"db {size(status.db_size)}; in-use size not reported by this release")
     free = 1 - status.db_size_in_use / status.db_size
     seen = f"{free:.0%} of {size(status.db_size)} free pages (in use {size(status.db_size_in_use)})"
     if status.db_size > DEFRAG_MIN_DB and free > DEFRAG_FRAGMENTED:
