@@ -16,11 +16,12 @@ import json
 import os
 import subprocess
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from etcdforge.binaries import EtcdBinary, Version, parse_version
-from etcdforge.client import EndpointStatus, EtcdClient, HashKV
+from etcdforge.client import Alarm, EndpointStatus, EtcdClient, HashKV, Member
 from etcdforge.errors import EtcdforgeError
 from etcdforge.host_logins import close_all, connect_each
 from etcdforge.hosts import Host
@@ -50,49 +51,32 @@ ETCDCTL_TIMEOUT = 30.0
 HASHKV_GATEWAY_SINCE: Version = (3, 5, 10)
 
 
+@dataclass(frozen=True)
+class ClusterReads:
+    """What the cluster itself answered, read while the hosts are logged in to."""
+
+    start: dict[str, EndpointStatus]
+    member_list: tuple[Member, ...] | None
+    alarms: tuple[Alarm, ...] | None
+    revision: int | None
+    hashes: dict[str, HashKV]
+    hash_errors: dict[str, str]
+    errors: dict[str, str]
+
+
 async def gather(record: ClusterRecord, spec: ClusterSpec) -> Facts:
-    hosts: dict[str, Host] = {}
-    login_errors: dict[str, str] = {}
-    if spec.on_hosts:
-        hosts, login_errors = await connect_each(spec)
-    try:
-        async with (
-            open_runtime(record, hosts if spec.on_hosts else None) as runtime,
-            EtcdClient(record.endpoints, record.admin_tls, timeout=CLIENT_TIMEOUT) as client,
-        ):
-            return await _gather(record, spec, runtime, client, hosts, login_errors)
-    finally:
-        await close_all(hosts)
-
-
-async def _gather(
-    record: ClusterRecord,
-    spec: ClusterSpec,
-    runtime: MemberRuntime,
-    client: EtcdClient,
-    hosts: Mapping[str, Host],
-    login_errors: Mapping[str, str],
-) -> Facts:
-    owner = f"{spec.host_paths.user}:{spec.host_paths.user}" if spec.on_hosts else invoking_owner()
-    members_task = asyncio.gather(
-        *(
-            _member(record, name, runtime, hosts.get(name), login_errors.get(name), owner)
-            for name in (m.name for m in record.members)
-        )
-    )
-    listed, alarms, start = await asyncio.gather(
-        _attempt(client.member_list()), _attempt(client.alarms()), client.statuses()
-    )
-    status_start = {record.name_of(s.endpoint): s for s in start}
-    revision, hashes, hash_errors = await _hashes(record, client, status_start)
-    members = await members_task
-    end = await client.statuses()
+    """Every fact the checks judge; the cluster's answers and the members' machines are read
+    concurrently (the cluster's while the SSH logins are under way)."""
+    async with EtcdClient(record.endpoints, record.admin_tls, timeout=CLIENT_TIMEOUT) as client:
+        reads = asyncio.create_task(_cluster_reads(record, client))
+        try:
+            members = await _members(record, spec)
+        finally:
+            cluster = await reads
+        end = await client.statuses()
     now = utcnow()
     certificates, cert_error = _certificates(record, now)
-    found = {"member_list": listed[1], "alarms": alarms[1], "certificates": cert_error}
-    errors = {k: v for k, v in found.items() if v}
-    if revision is None:
-        errors["hashkv"] = "no member answered a status request"
+    errors = {**cluster.errors, **({"certificates": cert_error} if cert_error else {})}
     return Facts(
         cluster=record.name,
         on_hosts=spec.on_hosts,
@@ -100,17 +84,55 @@ async def _gather(
         version=record.version,
         now=now,
         members=tuple(members),
-        status_start=status_start,
+        status_start=cluster.start,
         status_end={record.name_of(s.endpoint): s for s in end},
-        member_list=tuple(listed[0]) if listed[0] is not None else None,
-        alarms=tuple(alarms[0]) if alarms[0] is not None else None,
-        hash_revision=revision,
-        hashes=hashes,
-        hash_errors=hash_errors,
+        member_list=cluster.member_list,
+        alarms=cluster.alarms,
+        hash_revision=cluster.revision,
+        hashes=cluster.hashes,
+        hash_errors=cluster.hash_errors,
         certificates=tuple(certificates),
         newest_backup=newest_backup(record),
         errors=errors,
     )
+
+
+async def _cluster_reads(record: ClusterRecord, client: EtcdClient) -> ClusterReads:
+    listed, alarms, statuses = await asyncio.gather(
+        _attempt(client.member_list()), _attempt(client.alarms()), client.statuses()
+    )
+    start = {record.name_of(s.endpoint): s for s in statuses}
+    revision, hashes, hash_errors = await _hashes(record, client, start)
+    found = {"member_list": listed[1], "alarms": alarms[1]}
+    if revision is None:
+        found["hashkv"] = "no member answered a status request"
+    return ClusterReads(
+        start=start,
+        member_list=tuple(listed[0]) if listed[0] is not None else None,
+        alarms=tuple(alarms[0]) if alarms[0] is not None else None,
+        revision=revision,
+        hashes=hashes,
+        hash_errors=hash_errors,
+        errors={k: v for k, v in found.items() if v},
+    )
+
+
+async def _members(record: ClusterRecord, spec: ClusterSpec) -> list[MemberFacts]:
+    """Each member's process and machine: over SSH for hosts (one login each), else here."""
+    hosts: dict[str, Host] = {}
+    failed: dict[str, str] = {}  # member -> why its host could not be logged in to
+    if spec.on_hosts:
+        hosts, failed = await connect_each(spec)
+    owner = f"{spec.host_paths.user}:{spec.host_paths.user}" if spec.on_hosts else invoking_owner()
+    try:
+        async with open_runtime(record, hosts if spec.on_hosts else None) as runtime:
+            work = [
+                _member(record, m.name, runtime, hosts.get(m.name), failed.get(m.name), owner)
+                for m in record.members
+            ]
+            return list(await asyncio.gather(*work))
+    finally:
+        await close_all(hosts)
 
 
 async def _attempt(work: Awaitable[T]) -> tuple[T | None, str | None]:
