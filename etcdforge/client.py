@@ -49,10 +49,27 @@ class EndpointStatus:
     healthy: bool = False
     errors: tuple[str, ...] = ()
     error: str | None = None
+    db_size_in_use: int | None = None  # bytes of the db file holding live data (3.4+)
+    revision: int | None = None  # the member's current store revision (response header)
 
     @property
     def is_leader(self) -> bool:
         return self.member_id is not None and self.member_id == self.leader
+
+
+@dataclass(frozen=True)
+class Alarm:
+    member_id: str
+    alarm: str  # "NOSPACE", "CORRUPT"
+
+
+@dataclass(frozen=True)
+class HashKV:
+    """A member's HashKV: equal hashes at one revision (same compaction) mean equal data."""
+
+    hash: int
+    compact_revision: int
+    revision: int
 
 
 @dataclass(frozen=True)
@@ -186,10 +203,35 @@ class EtcdClient:
             healthy=healthy and not errors,
             errors=errors,
             error=health_error or ("; ".join(errors) if errors else None),
+            db_size_in_use=int(payload["dbSizeInUse"]) if "dbSizeInUse" in payload else None,
+            revision=int(header.get("revision", 0)),
         )
 
     async def statuses(self) -> list[EndpointStatus]:
         return list(await asyncio.gather(*(self.status(e) for e in self.endpoints)))
+
+    async def alarms(self) -> list[Alarm]:
+        """The cluster's active alarms (NOSPACE, CORRUPT), raised by any member."""
+        body = {"action": "GET"}
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/maintenance/alarm", body))
+        return [
+            Alarm(member_id=str(a.get("memberID", "0")), alarm=str(a.get("alarm", "NONE")))
+            for a in payload.get("alarms", [])
+        ]
+
+    async def hash_kv(self, endpoint: str, revision: int) -> HashKV:
+        """One member's hash of its MVCC keys up to `revision`.
+
+        The gateway serves HashKV at /v3/maintenance/hashkv from etcd 3.5.10 on (etcd #16490);
+        before that the path did not exist (measured: 3.4.23 and 3.5.1 answer 404).
+        """
+        body = {"revision": str(revision)}
+        payload = await self.call(endpoint, "/v3/maintenance/hashkv", body)
+        return HashKV(
+            hash=int(payload.get("hash", 0)),
+            compact_revision=int(payload.get("compact_revision", 0)),
+            revision=revision,
+        )
 
     # --- cluster ----------------------------------------------------------------------------
 

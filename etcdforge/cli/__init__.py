@@ -23,6 +23,7 @@ COMMANDS = {
     "reset": "etcdforge.cli.hosts:reset_cmd",
     "certs": "etcdforge.cli.certs:certs_group",
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
+    "check": "etcdforge.cli.check:check_cmd",
 }
 
 

@@ -41,6 +41,16 @@ def command_line(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def etcd_environ(pid: int) -> dict[str, str]:
+    """The `ETCD_*` variables a process started with (etcd reads settings from them too)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    pairs = (part.decode(errors="replace").partition("=") for part in raw.split(b"\0"))
+    return {key: value for key, sep, value in pairs if sep and key.startswith("ETCD_")}
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -290,7 +300,9 @@ class LocalRuntime:
         settings = dict(
             arg[2:].split("=", 1) for arg in argv[1:] if arg.startswith("--") and "=" in arg
         )
-        return RunningMember(pid, settings, argv[0] if argv else "")
+        return RunningMember(
+            pid, settings, argv[0] if argv else "", argv=tuple(argv), env=etcd_environ(pid)
+        )
 
     async def down_reason(self, name: str) -> str | None:
         files = self.files(name)

@@ -11,6 +11,7 @@ still restarts on the next run, and a converged cluster is never restarted.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import time
 from collections.abc import Mapping
@@ -164,20 +165,38 @@ class Running:
     pid: int
     environ: dict[str, str]
     exe: str
+    argv: tuple[str, ...] = ()
+
+
+ARGV_VAR = "ETCDFORGE_ARGV"  # carries the base64 of /proc/PID/cmdline in the probe's output
+_PROCESS_SCRIPT = (
+    f'cat /proc/"$1"/environ && printf "\\0{ARGV_VAR}=" && base64 -w0 /proc/"$1"/cmdline'
+    ' && printf "\\0EXE=" && readlink /proc/"$1"/exe'
+)
+
+
+def parse_process(pid: int, output: bytes) -> Running:
+    """The probe's output: environ entries, then the command line (base64), then the binary."""
+    entries = output.decode(errors="replace").split("\0")
+    environ = dict(e.split("=", 1) for e in entries if "=" in e)
+    exe = environ.pop("EXE", "").strip()
+    packed = environ.pop(ARGV_VAR, "")
+    try:
+        raw = base64.b64decode(packed, validate=True)
+    except ValueError:
+        raw = b""
+    argv = tuple(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    return Running(pid, environ, exe, argv)
 
 
 async def running_process(host: Host, state: UnitState) -> Running | None:
     if not state.running:
         return None
     pid = state.main_pid
-    script = 'cat /proc/"$1"/environ && printf "\\0EXE=" && readlink /proc/"$1"/exe'
-    result = await host.run(["sh", "-c", script, "sh", str(pid)], check=False)
+    result = await host.run(["sh", "-c", _PROCESS_SCRIPT, "sh", str(pid)], check=False)
     if result.code != 0:
         return None  # exited between the two calls
-    entries = result.stdout.decode(errors="replace").split("\0")
-    environ = dict(e.split("=", 1) for e in entries if "=" in e)
-    exe = environ.pop("EXE", "").strip()
-    return Running(pid, environ, exe)
+    return parse_process(pid, result.stdout)
 
 
 def service_action(
@@ -291,7 +310,10 @@ class SystemdRuntime:
         if found is None:
             return None
         settings = {k: v for k, v in found.environ.items() if k.startswith("ETCD_")}
-        return RunningMember(found.pid, settings, found.exe, found.environ.get(FINGERPRINT_VAR))
+        fingerprint = found.environ.get(FINGERPRINT_VAR)
+        return RunningMember(
+            found.pid, settings, found.exe, fingerprint, argv=found.argv, env=settings
+        )
 
     async def down_reason(self, name: str) -> str | None:
         state = await self.state(name)

@@ -1,0 +1,91 @@
+"""`etcdforge check` on three real hosts (systemd + sshd, tests/fleet.py) deployed by `apply`.
+
+The members run etcd 3.5.30 from systemd with their settings in `ETCD_*` variables only (no
+flags), so the CIS rows passing proves the audit reads the process's environment over SSH, as
+kube-bench does. Then one host's data dir is opened up (`chmod 755`) and only its row fails.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
+from tests.fleet import Host
+from tests.helpers import CLIResult, require_tarball, run_cli
+
+pytestmark = pytest.mark.slow
+VERSION = "3.5.30"
+BACKUP = ("backup-age", "cluster")
+
+
+@dataclass
+class Deployed:
+    hosts: list[Host]
+    spec: Path
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout: float = 300) -> CLIResult:
+        return run_cli(*args, "-f", str(self.spec), env=self.env, timeout=timeout)
+
+    def check(self) -> tuple[int, dict[str, Any]]:
+        result = self.cli("check", "-o", "json")
+        assert result.code in (0, 1, 3), result.stderr
+        return result.code, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    fleet3: list[Host], release_server: ReleaseServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployed]:
+    require_tarball(VERSION)
+    work = tmp_path_factory.mktemp("check3")
+    data = host_spec("check3", fleet3, release_server.url(VERSION), state_dir=str(work / "state"))
+    deployed = Deployed(
+        fleet3,
+        write_yaml(work / "cluster.yaml", data),
+        {"ETCDFORGE_CACHE_DIR": str(work / "cache")},
+    )
+    first = deployed.cli("apply", timeout=600)
+    try:
+        assert first.code == 0, first.stderr
+        yield deployed
+    finally:
+        deployed.cli("reset", "--purge-data", "--yes")
+
+
+def not_passing(report: dict[str, Any]) -> dict[tuple[str, str], str]:
+    return {(r["check"], r["member"]): r["result"] for r in report["rows"] if r["result"] != "pass"}
+
+
+def rows(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
+    return {(r["check"], r["member"]): r for r in report["rows"]}
+
+
+def test_check_passes_on_hosts_deployed_by_apply(deployed: Deployed) -> None:
+    code, report = deployed.check()
+    assert code == 3 and not_passing(report) == {BACKUP: "warn"}
+    found = rows(report)
+    assert found[("cis-2.2", "etcd-1")]["seen"] == "--client-cert-auth=true"  # from ETCD_*
+    assert found[("cis-1.1.12", "etcd-2")]["seen"] == "/var/lib/etcd etcd:etcd"
+    assert "/etc/etcd/pki/server.key 0600" in found[("key-file-mode", "etcd-3")]["seen"]
+    assert "s from the admin machine" in found[("clock-skew", "etcd-1")]["seen"]
+    assert "/var/lib/etcd" in found[("storage-disk", "etcd-3")]["seen"]
+
+
+def test_data_dir_0755_on_one_host_fails_only_there(deployed: Deployed) -> None:
+    host = deployed.hosts[1]
+    host.run("chmod", "755", "/var/lib/etcd")
+    try:
+        code, report = deployed.check()
+    finally:
+        host.run("chmod", "700", "/var/lib/etcd")
+    assert code == 1
+    assert not_passing(report) == {("cis-1.1.11", "etcd-2"): "fail", BACKUP: "warn"}
+    assert rows(report)[("cis-1.1.11", "etcd-2")]["fix"] == "chmod 700 /var/lib/etcd"
+    assert deployed.check()[0] == 3
