@@ -26,14 +26,19 @@ from etcdforge.tls import TLSFiles  # noqa: E402
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 GRPC_NOT_FOUND = 5  # the gateway's `code` for e.g. "etcdserver: requested lease not found"
+GRPC_FAILED_PRECONDITION = 9  # e.g. "etcdserver: authentication is not enabled"
+HTTP_NOT_FOUND = 404  # a gateway path this etcd does not have (3.4 has no /v3/auth/status)
+#: A user name no cluster has: authenticating as it only tells whether auth is enabled.
+AUTH_PROBE_USER = "etcdforge-auth-probe"
 
 
 class EtcdReplyError(EtcdClientError):
     """A member answered, with an error: `code` is the gRPC status code when it gave one."""
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, status: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status  # the HTTP status of the answer
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class EtcdClient:
             raise EtcdReplyError(
                 f"{endpoint}{path}: {message or response.status_code}",
                 code if isinstance(code, int) else None,
+                response.status_code,
             )
         return payload
 
@@ -190,6 +196,37 @@ class EtcdClient:
 
     async def statuses(self) -> list[EndpointStatus]:
         return list(await asyncio.gather(*(self.status(e) for e in self.endpoints)))
+
+    async def versions(self, endpoint: str) -> tuple[str, str]:
+        """`/version`: the member's own etcd version and the cluster version it agreed on.
+
+        Plain HTTP on the client port, outside the gRPC gateway: it answers even where etcd
+        auth turns the gateway's requests away.
+        """
+        try:
+            response = await self._http.get(f"{endpoint}/version")
+            payload = response.json()
+            return str(payload["etcdserver"]), str(payload["etcdcluster"])
+        except httpx.HTTPError as exc:
+            raise EtcdClientError(describe_error(endpoint, exc)) from None
+        except (ValueError, KeyError, TypeError):
+            raise EtcdClientError(f"{endpoint}/version: not an etcd version answer") from None
+
+    async def auth_enabled(self, endpoint: str) -> bool:
+        """Whether etcd auth is on: `/v3/auth/status` (3.5+), else on 3.4 an authentication
+        attempt, which only an auth-disabled cluster refuses with FailedPrecondition."""
+        try:
+            payload = await self.call(endpoint, "/v3/auth/status")
+            return bool(payload.get("enabled", False))
+        except EtcdReplyError as exc:
+            if exc.status != HTTP_NOT_FOUND:
+                return True  # turned away by the auth layer itself
+        probe = {"name": AUTH_PROBE_USER, "password": ""}
+        try:
+            await self.call(endpoint, "/v3/auth/authenticate", probe)
+        except EtcdReplyError as exc:
+            return exc.code != GRPC_FAILED_PRECONDITION
+        return True
 
     # --- cluster ----------------------------------------------------------------------------
 
