@@ -27,7 +27,6 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 GRPC_NOT_FOUND = 5  # the gateway's `code` for e.g. "etcdserver: requested lease not found"
 GRPC_FAILED_PRECONDITION = 9  # e.g. "etcdserver: authentication is not enabled"
-HTTP_NOT_FOUND = 404  # a gateway path this etcd does not have (3.4 has no /v3/auth/status)
 #: A user name no cluster has: authenticating as it only tells whether auth is enabled.
 AUTH_PROBE_USER = "etcdforge-auth-probe"
 
@@ -35,10 +34,9 @@ AUTH_PROBE_USER = "etcdforge-auth-probe"
 class EtcdReplyError(EtcdClientError):
     """A member answered, with an error: `code` is the gRPC status code when it gave one."""
 
-    def __init__(self, message: str, code: int | None = None, status: int = 0) -> None:
+    def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
-        self.status = status  # the HTTP status of the answer
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,6 @@ class EtcdClient:
             raise EtcdReplyError(
                 f"{endpoint}{path}: {message or response.status_code}",
                 code if isinstance(code, int) else None,
-                response.status_code,
             )
         return payload
 
@@ -213,14 +210,13 @@ class EtcdClient:
             raise EtcdClientError(f"{endpoint}/version: not an etcd version answer") from None
 
     async def auth_enabled(self, endpoint: str) -> bool:
-        """Whether etcd auth is on: `/v3/auth/status` (3.5+), else on 3.4 an authentication
-        attempt, which only an auth-disabled cluster refuses with FailedPrecondition."""
-        try:
-            payload = await self.call(endpoint, "/v3/auth/status")
-            return bool(payload.get("enabled", False))
-        except EtcdReplyError as exc:
-            if exc.status != HTTP_NOT_FOUND:
-                return True  # turned away by the auth layer itself
+        """Whether etcd auth is on: an authentication attempt as a user no cluster has, which
+        only an auth-disabled cluster refuses with FailedPrecondition ("authentication is not
+        enabled"); the password check fails before anything reaches raft.
+
+        Never `/v3/auth/status`: a 3.5 member puts AuthStatus through raft, and every 3.4
+        member of a mixed cluster panics applying it ("not implemented"; measured here).
+        """
         probe = {"name": AUTH_PROBE_USER, "password": ""}
         try:
             await self.call(endpoint, "/v3/auth/authenticate", probe)
