@@ -123,8 +123,12 @@ def _fetch(url: str, pin: str | None, cache: Path) -> Release:
     cached = cache / name
     verified = cached.with_name(name + ".sha256")
     if cached.is_file() and verified.is_file():
-        digest = verified.read_text().strip()
-        if (pin is None or digest == pin.lower()) and file_sha256(cached) == digest:
+        # The digest, and the URL whose SHA256SUMS vouched for it: without a pin, a cached
+        # file counts only for the URL it came from (another mirror may serve another file
+        # under the same name).
+        digest, _, source = verified.read_text().strip().partition("\n")
+        trusted = digest == pin.lower() if pin is not None else source == url
+        if trusted and file_sha256(cached) == digest:
             return Release(version, cached, digest, url)
     cache.mkdir(parents=True, exist_ok=True)
     sums_url = url.rsplit("/", 1)[0] + "/SHA256SUMS"
@@ -158,7 +162,7 @@ def _fetch(url: str, pin: str | None, cache: Path) -> Release:
             f"etcd.release {url}: download failed ({exc.__class__.__name__}: {exc}); check the "
             "URL and the network, or give a local file"
         ) from None
-    verified.write_text(expected + "\n")
+    verified.write_text(f"{expected}\n{url}\n")
     return Release(version, cached, expected, url)
 
 

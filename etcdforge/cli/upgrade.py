@@ -86,6 +86,11 @@ def print_outcome(outcome: UpgradeOutcome) -> None:
     click.echo(f"  snapshot ({kept}): {outcome.snapshot}")
     order = ", ".join(outcome.order) if outcome.order else "none left"
     click.echo(f"  member order (followers first, the leader last after a hand-off): {order}")
+    if not outcome.dry_run:
+        click.echo(
+            f"  checked: cluster version {outcome.cluster_version}; every member's HashKV "
+            f"agrees at revision {outcome.hash_revision}"
+        )
 
 
 def print_upgrade(result: UpgradeResult) -> None:
@@ -98,9 +103,5 @@ def print_upgrade(result: UpgradeResult) -> None:
     else:
         click.echo(f"cluster {result.cluster}: every member runs etcd {result.target}")
         print_outcome(outcome)
-        click.echo(
-            f"  checked: cluster version {outcome.cluster_version}; every member's HashKV "
-            f"agrees at revision {outcome.hash_revision}"
-        )
     if result.spec_hint and not (outcome and outcome.dry_run):
         click.echo(f"next: {result.spec_hint} (apply and up refuse to go back)")
