@@ -26,6 +26,9 @@ from etcdforge.tls import TLSFiles  # noqa: E402
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 GRPC_NOT_FOUND = 5  # the gateway's `code` for e.g. "etcdserver: requested lease not found"
+GRPC_FAILED_PRECONDITION = 9  # e.g. "etcdserver: authentication is not enabled"
+#: A user name no cluster has: authenticating as it only tells whether auth is enabled.
+AUTH_PROBE_USER = "etcdforge-auth-probe"
 
 
 class EtcdReplyError(EtcdClientError):
@@ -232,6 +235,35 @@ class EtcdClient:
             compact_revision=int(payload.get("compact_revision", 0)),
             revision=revision,
         )
+    async def versions(self, endpoint: str) -> tuple[str, str]:
+        """`/version`: the member's own etcd version and the cluster version it agreed on.
+
+        Plain HTTP on the client port, outside the gRPC gateway: it answers even where etcd
+        auth turns the gateway's requests away.
+        """
+        try:
+            response = await self._http.get(f"{endpoint}/version")
+            payload = response.json()
+            return str(payload["etcdserver"]), str(payload["etcdcluster"])
+        except httpx.HTTPError as exc:
+            raise EtcdClientError(describe_error(endpoint, exc)) from None
+        except (ValueError, KeyError, TypeError):
+            raise EtcdClientError(f"{endpoint}/version: not an etcd version answer") from None
+
+    async def auth_enabled(self, endpoint: str) -> bool:
+        """Whether etcd auth is on: an authentication attempt as a user no cluster has, which
+        only an auth-disabled cluster refuses with FailedPrecondition ("authentication is not
+        enabled"); the password check fails before anything reaches raft.
+
+        Never `/v3/auth/status`: a 3.5 member puts AuthStatus through raft, and every 3.4
+        member of a mixed cluster panics applying it ("not implemented"; measured here).
+        """
+        probe = {"name": AUTH_PROBE_USER, "password": ""}
+        try:
+            await self.call(endpoint, "/v3/auth/authenticate", probe)
+        except EtcdReplyError as exc:
+            return exc.code != GRPC_FAILED_PRECONDITION
+        return True
 
     # --- cluster ----------------------------------------------------------------------------
 

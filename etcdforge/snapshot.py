@@ -215,6 +215,50 @@ def status(tools: SnapshotTools, path: Path) -> SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class KVHash:
+    """One member's hash of its keyspace up to a revision, and where its history starts."""
+
+    endpoint: str
+    hash: int
+    compact_revision: int
+
+
+def hash_kv(
+    tools: SnapshotTools, endpoints: list[str], tls: TLSFiles, revision: int
+) -> list[KVHash]:
+    """`etcdctl endpoint hashkv --rev`: every member hashes the same revision of its keyspace.
+
+    (The JSON gateway's /v3/maintenance/hash is the whole-backend Hash, revision ignored, so it
+    cannot be compared across members that are busy applying writes.)
+    """
+    argv = [
+        str(tools.etcdctl),
+        f"--endpoints={','.join(endpoints)}",
+        f"--cacert={tls.ca}",
+        f"--cert={tls.cert}",
+        f"--key={tls.key}",
+        "--command-timeout=30s",
+        "endpoint",
+        "hashkv",
+        f"--rev={revision}",
+        "-w",
+        "json",
+    ]
+    out = _run(argv, f"hashkv at revision {revision}", timeout=120)
+    try:
+        return [
+            KVHash(
+                endpoint=str(entry["Endpoint"]),
+                hash=int(entry["HashKV"]["hash"]),
+                compact_revision=int(entry["HashKV"].get("compact_revision", 0)),
+            )
+            for entry in json.loads(out)
+        ]
+    except (ValueError, KeyError, TypeError):
+        raise SnapshotError(f"hashkv at revision {revision}: unreadable output") from None
+
+
+@dataclass(frozen=True)
 class RestoredMember:
     """Who a restored data dir belongs to: every member of one restore shares the cluster and
     token, so they agree on one new cluster ID."""

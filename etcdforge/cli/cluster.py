@@ -90,13 +90,15 @@ def down_cmd(selection: Selection, purge: bool, wait_lock: float) -> None:
 )
 def status_cmd(selection: Selection, output: str) -> None:
     """Member, endpoint, version, leader, raft term/index, db size, health. Exit 1 if unhealthy."""
-    from etcdforge.ops.status import status
+    from etcdforge.ops.status import status, version_advisories
 
     record, rows = status(selection)
     if output == "json":
         click.echo(json.dumps([r.as_json() for r in rows], indent=2))
     else:
         _print_status_table(record.name, rows)
+    for message in version_advisories(rows):
+        warn(message)
     if not all(r.healthy for r in rows):
         raise click.exceptions.Exit(EXIT_ERROR)
 

@@ -13,6 +13,7 @@ from etcdforge.cli.common import (
     timeout_option,
     warn,
 )
+from etcdforge.cli.upgrade import print_outcome
 
 if TYPE_CHECKING:
     from etcdforge.ops.apply import ApplyResult
@@ -29,7 +30,7 @@ def plan_cmd(selection: Selection, allow_even: bool) -> None:
 
     with Board() as board:
         result = apply(selection, dry_run=True, progress=board, allow_even=allow_even)
-    for message in result.warnings:
+    for message in (*result.warnings, *result.advisories):
         warn(message)
     _print_plan(result)
 
@@ -47,6 +48,9 @@ def _print_plan(result: ApplyResult) -> None:
         click.echo(f"{host.label}: " + ("no change" if not lines else f"{len(lines)} change(s)"))
         for line in lines:
             click.echo(f"  - {line}")
+    if result.upgrade is not None:
+        click.echo("upgrade:")
+        print_outcome(result.upgrade)
     if not result.changed_anything:
         click.echo("nothing to change: every host matches the spec and every member runs it")
 
@@ -65,7 +69,7 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
 
     with exclusive(selection, wait_lock) as board:
         result = apply(selection, progress=board, timeout=timeout, allow_even=allow_even)
-    for message in result.warnings:
+    for message in (*result.warnings, *(result.advisories if result.upgrade else ())):
         warn(message)
     summary = f"cluster {result.cluster}: {len(result.hosts)} member(s), etcd {result.version}"
     if not result.changed_anything:
@@ -76,6 +80,8 @@ def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock:
             done = f"{len(host.changes)} change(s)" if host.changes else "no file change"
             service = f", {host.service.past}" if host.service else ""
             click.echo(f"  {host.label}: {done}{service}")
+        if result.upgrade is not None:
+            print_outcome(result.upgrade)
     click.echo(f"state: {result.state_dir}   next: etcdforge status -f FILE; etcdforge env -f FILE")
 
 

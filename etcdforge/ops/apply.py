@@ -8,11 +8,12 @@ The phases, in order, so that a mistake anywhere stops before anything changes e
 3. **preflight**: every check on every host (`ops.preflight`), before any host is touched;
 4. **admin PKI**: the CAs, the leaves and the cluster record on the admin machine (CA keys never
    leave it);
-5. **files**: every host's files in parallel (`ops.host_steps`): user, release, directories, its
-   own keys and the CA certificates, the environment file, the unit;
-6. **services**: members that are not running start together (a new cluster needs a quorum to
-   become ready); members running with other settings, unit or binary restart one at a time
-   under the one rolling policy (`ops.rolling`).
+5. **files**: every host's files in parallel (`ops.host_steps`): user, release (installed beside
+   the others, not switched), directories, its own keys and the CA certificates, the
+   environment file, the unit;
+6. **services** (`ops.host_services`): each member switched to the release right before it
+   starts or restarts; a version change takes the upgrade procedure (`ops.upgrade_run`), whose
+   path (`upgrade_path`) is checked during preflight, before anything changes.
 
 Every step checks live state first, and restarts are decided from the running process itself,
 so a rerun after a kill resumes, and a rerun on a converged cluster changes and restarts nothing.
@@ -24,6 +25,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+from etcdforge import advisories, snapshot
 from etcdforge import release as releases
 from etcdforge.binaries import EtcdBinary, check_version, format_version
 from etcdforge.errors import SpecError
@@ -39,16 +41,20 @@ from etcdforge.ops.admin_state import (
     state_dir_steps,
 )
 from etcdforge.ops.certs import cluster_pki_steps
+from etcdforge.ops.cluster_versions import live_path
 from etcdforge.ops.desired import Desired, desired, service_action
-from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
+from etcdforge.ops.health import HEALTH_TIMEOUT
+from etcdforge.ops.host_services import converge_services, upgrade_run
 from etcdforge.ops.host_steps import host_steps
 from etcdforge.ops.plan import SILENT, PlanResult, Progress, execute, execute_async
-from etcdforge.ops.rolling import rolling_restart
+from etcdforge.ops.switch import HostSwitch
 from etcdforge.ops.target import Selection, spec_for_up
+from etcdforge.ops.upgrade_run import UpgradeOutcome
 from etcdforge.record import ClusterRecord, new_token
 from etcdforge.services.runtime import ActionKind, ServiceAction
 from etcdforge.services.systemd import SystemdRuntime, unit_name
-from etcdforge.spec import ClusterSpec, MemberSpec
+from etcdforge.spec import ClusterSpec, EtcdSpec, MemberSpec
+from etcdforge.upgrade_path import UpgradePath
 
 
 @dataclass(frozen=True)
@@ -60,14 +66,25 @@ class HostResult:
 
 
 @dataclass(frozen=True)
+class Converged:
+    admin: tuple[str, ...]  # done (apply) or pending (plan)
+    hosts: tuple[HostResult, ...]
+    path: UpgradePath | None = None  # the version change, when the cluster already runs
+    upgrade: UpgradeOutcome | None = None  # what the upgrade did, or would do (plan)
+
+
+@dataclass(frozen=True)
 class ApplyResult(Deployment):
     dry_run: bool
     admin_changes: tuple[str, ...]
     hosts: tuple[HostResult, ...]
+    upgrade: UpgradeOutcome | None = None
+    advisories: tuple[str, ...] = ()  # what affects the running and the target versions
 
     @property
     def changed_anything(self) -> bool:
-        return bool(self.admin_changes) or any(h.changes or h.service for h in self.hosts)
+        changed = bool(self.admin_changes) or any(h.changes or h.service for h in self.hosts)
+        return changed or self.upgrade is not None
 
     @property
     def restarted(self) -> list[str]:
@@ -94,8 +111,12 @@ def apply(
     progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
     allow_even: bool = False,
+    etcd: EtcdSpec | None = None,
 ) -> ApplyResult:
+    """`etcd` replaces the spec's etcd section: `upgrade --to` on hosts."""
     spec, layout, previous = load_host_spec(selection, allow_even)
+    if etcd is not None:
+        spec = spec.model_copy(update={"etcd": etcd})
     check_against_record(spec, previous)
     assert selection.file is not None
     release = releases.resolve(spec.etcd, selection.file.parent)
@@ -103,15 +124,18 @@ def apply(
         release.version, dev_cluster=False, allow_unsafe=spec.etcd.allow_unsafe_version
     )
     run = Apply(spec, layout, release, dry_run, progress, timeout)
-    result = asyncio.run(run.converge(previous.token if previous is not None else None))
+    result = asyncio.run(run.converge(previous))
+    versions = [*result.path.running.values()] if result.path else []
     return ApplyResult(
         cluster=spec.name,
         state_dir=layout.root,
         version=format_version(release.version),
         dry_run=dry_run,
-        admin_changes=result[0],
-        hosts=result[1],
+        admin_changes=result.admin,
+        hosts=result.hosts,
         warnings=(warning,) if warning else (),
+        upgrade=result.upgrade,
+        advisories=tuple(advisories.notes([*versions, release.version])),
     )
 
 
@@ -143,12 +167,15 @@ class Apply:
     progress: Progress
     timeout: float
 
-    async def converge(self, token: str | None) -> tuple[tuple[str, ...], tuple[HostResult, ...]]:
+    async def converge(self, previous: ClusterRecord | None) -> Converged:
+        token = previous.token if previous is not None else None
         self.progress.phase("connect")
         hosts = await connect_all(self.spec)
         try:
             self.progress.phase("preflight")
             facts = await probe_all(self.spec, hosts, token)
+            switch = HostSwitch(hosts, self.spec.host_paths, self.release.tag)
+            path = await self.version_path(previous, switch)
             record = self.record(token or new_token(self.spec.name))
             self.progress.phase("admin PKI")
             admin = self.admin_pki(record)
@@ -159,17 +186,40 @@ class Apply:
             changes = await self.files(hosts, facts, wants)
             runtime = SystemdRuntime(hosts, unit_name(self.spec.host_paths))
             actions = await self.service_actions(runtime, wants)
-            if not self.dry_run:
+            upgrade = upgrade_run(
+                record, runtime, switch, path, self.tools, self.progress, self.timeout
+            )
+            if self.dry_run:
+                outcome = await upgrade.plan() if upgrade is not None else None
+            else:
                 self.progress.phase("services")
-                await self.services(record, runtime, actions)
+                outcome = await converge_services(
+                    record, runtime, switch, actions, upgrade, self.progress, self.timeout
+                )
         finally:
             await close_all(hosts)
-        done = admin.pending if self.dry_run else admin.changed
         results = tuple(
             HostResult(m.name, hosts[m.name].label, changes[m.name], actions[m.name])
             for m in self.spec.members
         )
-        return done, results
+        return Converged(admin.pending if self.dry_run else admin.changed, results, path, outcome)
+
+    async def version_path(
+        self, previous: ClusterRecord | None, switch: HostSwitch
+    ) -> UpgradePath | None:
+        """The version change, checked before anything changes: a refused path stops here."""
+        if previous is None:
+            return None
+        allow_unsafe = self.spec.etcd.allow_unsafe_version
+        path = await live_path(previous, self.release.version, allow_unsafe, switch.version)
+        if path is not None:
+            self.progress.step("cluster", path.describe())
+        return path
+
+    def tools(self) -> snapshot.SnapshotTools:
+        """The release's own etcdctl/etcdutl, unpacked on the admin machine."""
+        directory = releases.admin_tools(self.release)
+        return snapshot.find_tools(EtcdBinary(directory / "etcd", self.release.version))
 
     def record(self, token: str) -> ClusterRecord:
         """The record names each member's data dir on its host, not a path on this machine."""
@@ -211,35 +261,3 @@ class Apply:
             *(service_action(runtime, n, paths, self.release, wants[n]) for n in names)
         )
         return dict(zip(names, found, strict=True))
-
-    async def services(
-        self,
-        record: ClusterRecord,
-        runtime: SystemdRuntime,
-        actions: dict[str, ServiceAction | None],
-    ) -> None:
-        await converge_services(record, runtime, actions, self.progress, self.timeout)
-
-
-async def converge_services(
-    record: ClusterRecord,
-    runtime: SystemdRuntime,
-    actions: dict[str, ServiceAction | None],
-    progress: Progress,
-    timeout: float,
-) -> None:
-    """Start what is stopped (all together), then roll what runs with stale settings."""
-    to_start = [n for n, a in actions.items() if a is not None and a.kind is ActionKind.START]
-    to_restart = {
-        n: "; ".join(a.reasons)
-        for n, a in actions.items()
-        if a is not None and a.kind is ActionKind.RESTART
-    }
-    if to_start:
-        for name in to_start:
-            progress.step(runtime.label(name), f"start {runtime.unit}")
-        await fan_out(to_start, runtime.label, runtime.start)
-    if to_start or not to_restart:
-        progress.step("cluster", "wait for every member to be healthy")
-        await wait_healthy(record, runtime, timeout)
-    await rolling_restart(record, runtime, to_restart, progress, timeout)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from etcdforge.client import EndpointStatus, EtcdClient
-from etcdforge.errors import ServiceError
+from etcdforge.errors import EtcdClientError, ServiceError
 from etcdforge.record import ClusterRecord
 from etcdforge.services.runtime import MemberRuntime
 
@@ -90,6 +90,14 @@ async def leader_name(record: ClusterRecord) -> str | None:
     async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
         statuses = await client.statuses()
     return next((record.name_of(s.endpoint) for s in statuses if s.is_leader), None)
+
+
+async def leader_or_none(record: ClusterRecord) -> str | None:
+    """The leader's name, or None when no member answers (then there is nothing to hand off)."""
+    try:
+        return await leader_name(record)
+    except EtcdClientError:
+        return None
 
 
 def successor(statuses: Sequence[EndpointStatus], leaving: str) -> EndpointStatus | None:

@@ -150,6 +150,8 @@ def _user_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
 
 
 def _release_steps(host: Host, paths: HostPathsSpec, release: releases.Release) -> list[AsyncStep]:
+    """The release goes in beside the others; which one runs (`current`) is switched per
+    member in the services phase, right before that member starts or restarts."""
     return [
         AsyncStep(
             f"install etcd {release.tag} into {releases.version_dir(paths, release)}",
@@ -157,9 +159,9 @@ def _release_steps(host: Host, paths: HostPathsSpec, release: releases.Release) 
             lambda: releases.install(host, paths, release),
         ),
         AsyncStep(
-            f"point {paths.bin_dir}/etcd{{,ctl,utl}} at {release.tag}",
-            lambda: releases.is_switched(host, paths, release),
-            lambda: releases.switch(host, paths, release),
+            f"link {paths.bin_dir}/etcd{{,ctl,utl}} through {paths.releases_dir}/current",
+            lambda: releases.links_in_place(host, paths),
+            lambda: releases.link_bins(host, paths),
         ),
     ]
 

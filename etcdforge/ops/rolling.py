@@ -16,7 +16,7 @@ from etcdforge.errors import EtcdClientError
 from etcdforge.ops.health import (
     HEALTH_TIMEOUT,
     hand_off_leadership,
-    leader_name,
+    leader_or_none,
     require_healthy,
     wait_healthy,
 )
@@ -44,7 +44,7 @@ async def rolling_restart(
     """Restart (or `action`) each member named in `reasons`, one at a time; returns the order."""
     if not reasons:
         return []
-    order = followers_first(list(reasons), await _leader_or_none(record))
+    order = followers_first(list(reasons), await leader_or_none(record))
     for name in order:
         await restart_one(record, runtime, name, reasons[name], progress, timeout, action)
     return order
@@ -73,10 +73,3 @@ async def restart_one(
     )
     await (action or runtime.restart)(name)
     await wait_healthy(record, runtime, timeout)
-
-
-async def _leader_or_none(record: ClusterRecord) -> str | None:
-    try:
-        return await leader_name(record)
-    except EtcdClientError:
-        return None

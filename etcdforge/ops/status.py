@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from etcdforge import advisories
+from etcdforge.binaries import Version, parse_version
 from etcdforge.client import EtcdClient, run
+from etcdforge.errors import BinaryError
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
 
@@ -51,3 +54,14 @@ def query_status(record: ClusterRecord) -> list[MemberStatus]:
 def status(selection: Selection) -> tuple[ClusterRecord, list[MemberStatus]]:
     record = record_for(selection)
     return record, query_status(record)
+
+
+def version_advisories(rows: list[MemberStatus]) -> list[str]:
+    """What etcd's advisories say about the versions the members run (`advisories`)."""
+    versions: list[Version] = []
+    for row in rows:
+        try:
+            versions.append(parse_version(row.version or ""))
+        except BinaryError:
+            continue
+    return advisories.notes(versions)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from etcdforge import render
-from etcdforge.binaries import check_version, find_etcd, format_version
+from etcdforge.binaries import EtcdBinary, check_version, find_etcd, format_version, parse_version
 from etcdforge.errors import ServiceError, SpecError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write
 from etcdforge.layout import StateLayout
@@ -65,6 +65,25 @@ def check_ports_free(spec: ClusterSpec, running: dict[str, int | None]) -> None:
                     f"member {member.name}: {member.address}:{port} is already in use by another "
                     "process; stop it or give the member other addresses in the spec"
                 )
+
+
+def check_same_release(previous: ClusterRecord, binary: EtcdBinary) -> None:
+    """`up` never changes a cluster's etcd version: `upgrade` does, along a checked path, with
+    a snapshot first and one member at a time."""
+    deployed = parse_version(previous.version)
+    if binary.version == deployed:
+        return
+    wanted = format_version(binary.version)
+    how = (
+        f"run `etcdforge upgrade --to {wanted} --binary {binary.path}`, or set"
+        if binary.version > deployed
+        else "downgrades are refused:"
+    )
+    raise SpecError(
+        f"cluster {previous.name} runs etcd {previous.version} ({previous.binary}) but the "
+        f"spec's etcd binary {binary.path} is {wanted}: `up` never changes versions; {how} "
+        f"etcd.binary: {previous.binary} in the spec"
+    )
 
 
 def _flags_step(path: Path, flags: list[str], name: str) -> Step:
@@ -134,6 +153,8 @@ def up(
         )
     check_against_record(spec, previous)
     binary = find_etcd(spec.etcd.binary)
+    if previous is not None:
+        check_same_release(previous, binary)
     warning = check_version(
         binary.version, dev_cluster=True, allow_unsafe=spec.etcd.allow_unsafe_version
     )

@@ -224,6 +224,23 @@ def stored_flags(files: MemberLayout) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def member_binary(files: MemberLayout) -> Path | None:
+    """The etcd this member was switched to by an upgrade in progress, if any."""
+    try:
+        text = files.binary_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return Path(text) if text else None
+
+
+def set_member_binary(files: MemberLayout, binary: Path | None) -> None:
+    """Switch one member to `binary` for its next start (None: back to the cluster's own)."""
+    if binary is None:
+        files.binary_file.unlink(missing_ok=True)
+    else:
+        atomic_write(files.binary_file, f"{binary}\n".encode(), PRIVATE_FILE)
+
+
 def log_message(line: str) -> str:
     """etcd logs JSON lines; surface just the message and error fields."""
     try:
@@ -258,10 +275,14 @@ class LocalRuntime:
         files = self.files(name)
         return running_pid(files.pid_file, files.data_dir)
 
+    def binary(self, name: str) -> Path:
+        """What the member starts with: its own etcd while an upgrade rolls, else the cluster's."""
+        return member_binary(self.files(name)) or Path(self.record.binary)
+
     async def start(self, name: str) -> None:
         files = self.files(name)
         if self.pid(name) is None:
-            start(Path(self.record.binary), stored_flags(files), files.pid_file, files.log_file)
+            start(self.binary(name), stored_flags(files), files.pid_file, files.log_file)
 
     async def stop(self, name: str) -> None:
         files = self.files(name)
