@@ -235,6 +235,7 @@ class EtcdClient:
             compact_revision=int(payload.get("compact_revision", 0)),
             revision=revision,
         )
+
     async def versions(self, endpoint: str) -> tuple[str, str]:
         """`/version`: the member's own etcd version and the cluster version it agreed on.
 
