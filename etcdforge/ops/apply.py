@@ -34,7 +34,6 @@ from etcdforge.ops import preflight
 from etcdforge.ops.admin_state import (
     Deployment,
     build_record,
-    check_against_record,
     record_step,
     state_dir_steps,
 )
@@ -96,7 +95,6 @@ def apply(
     allow_even: bool = False,
 ) -> ApplyResult:
     spec, layout, previous = load_host_spec(selection, allow_even)
-    check_against_record(spec, previous)
     assert selection.file is not None
     release = releases.resolve(spec.etcd, selection.file.parent)
     warning = check_version(
