@@ -21,6 +21,7 @@ COMMANDS = {
     "plan": "etcdforge.cli.hosts:plan_cmd",
     "apply": "etcdforge.cli.hosts:apply_cmd",
     "reset": "etcdforge.cli.hosts:reset_cmd",
+    "member": "etcdforge.cli.members:member_group",
     "certs": "etcdforge.cli.certs:certs_group",
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
 }

@@ -6,6 +6,8 @@ The phases, in order, so that a mistake anywhere stops before anything changes e
    known-bad version refused;
 2. **connect**: every host logged in to in parallel;
 3. **preflight**: every check on every host (`ops.preflight`), before any host is touched;
+   **membership**: members the spec adds or drops join or leave the live cluster, one at a time
+   (`ops.member_phase`, `ops.membership`; a joining host gets its files from `ops.member_hosts`);
 4. **admin PKI**: the CAs, the leaves and the cluster record on the admin machine (CA keys never
    leave it);
 5. **files**: every host's files in parallel (`ops.host_steps`): user, release, directories, its
@@ -21,6 +23,7 @@ so a rerun after a kill resumes, and a rerun on a converged cluster changes and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +44,20 @@ from etcdforge.ops.certs import cluster_pki_steps
 from etcdforge.ops.desired import Desired, desired, service_action
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.ops.host_steps import host_steps
+from etcdforge.ops.member_hosts import HostProvisioner, connect_leaving
+from etcdforge.ops.member_phase import MembershipResult, converge_membership
+from etcdforge.ops.membership import (
+    CAUTIOUS,
+    MemberOptions,
+    Membership,
+)
 from etcdforge.ops.plan import SILENT, PlanResult, Progress, execute, execute_async
 from etcdforge.ops.rolling import rolling_restart
 from etcdforge.ops.target import Selection, spec_for_up
-from etcdforge.record import ClusterRecord, new_token
+from etcdforge.record import ClusterRecord, new_token, read_record, write_record
 from etcdforge.services.runtime import ActionKind, ServiceAction
 from etcdforge.services.systemd import SystemdRuntime, unit_name
-from etcdforge.spec import ClusterSpec, MemberSpec
+from etcdforge.spec import ClusterSpec, HostPathsSpec, MemberSpec
 
 
 @dataclass(frozen=True)
@@ -63,10 +73,12 @@ class ApplyResult(Deployment):
     dry_run: bool
     admin_changes: tuple[str, ...]
     hosts: tuple[HostResult, ...]
+    membership: tuple[str, ...] = ()  # membership changes done, or planned with why (plan)
 
     @property
     def changed_anything(self) -> bool:
-        return bool(self.admin_changes) or any(h.changes or h.service for h in self.hosts)
+        hosts = any(h.changes or h.service for h in self.hosts)
+        return bool(self.admin_changes) or hosts or bool(self.membership)
 
     @property
     def restarted(self) -> list[str]:
@@ -93,6 +105,7 @@ def apply(
     progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
     allow_even: bool = False,
+    options: MemberOptions = CAUTIOUS,
 ) -> ApplyResult:
     spec, layout, previous = load_host_spec(selection, allow_even)
     assert selection.file is not None
@@ -100,16 +113,18 @@ def apply(
     warning = check_version(
         release.version, dev_cluster=False, allow_unsafe=spec.etcd.allow_unsafe_version
     )
-    run = Apply(spec, layout, release, dry_run, progress, timeout)
-    result = asyncio.run(run.converge(previous.token if previous is not None else None))
+    options = dataclasses.replace(options, allow_even=allow_even)
+    run = Apply(spec, layout, release, dry_run, progress, timeout, previous, options)
+    admin, hosts, members = asyncio.run(run.converge())
     return ApplyResult(
         cluster=spec.name,
         state_dir=layout.root,
         version=format_version(release.version),
         dry_run=dry_run,
-        admin_changes=result[0],
-        hosts=result[1],
-        warnings=(warning,) if warning else (),
+        admin_changes=admin,
+        hosts=hosts,
+        warnings=((warning,) if warning else ()) + members.warnings,
+        membership=members.steps,
     )
 
 
@@ -140,40 +155,94 @@ class Apply:
     dry_run: bool
     progress: Progress
     timeout: float
+    previous: ClusterRecord | None = None
+    options: MemberOptions = CAUTIOUS
 
-    async def converge(self, token: str | None) -> tuple[tuple[str, ...], tuple[HostResult, ...]]:
+    async def converge(
+        self,
+    ) -> tuple[tuple[str, ...], tuple[HostResult, ...], MembershipResult]:
+        token = self.previous.token if self.previous is not None else None
         self.progress.phase("connect")
         hosts = await connect_all(self.spec)
+        leaving: dict[str, tuple[Host, HostPathsSpec]] = {}
         try:
             self.progress.phase("preflight")
             facts = await probe_all(self.spec, hosts, token)
+            members = MembershipResult()
+            if self.previous is not None:
+                leaving, notes = await self.connect_leaving()
+                members = await self.membership(hosts, facts, leaving)
+                members = dataclasses.replace(members, warnings=(*notes, *members.warnings))
             record = self.record(token or new_token(self.spec.name))
             self.progress.phase("admin PKI")
             admin = self.admin_pki(record)
-            wants = {
-                m.name: desired(self.spec, self.layout, m, record.token) for m in self.spec.members
-            }
+            wants = {m.name: self.desired(m, record) for m in self.spec.members}
             self.progress.phase("files")
             changes = await self.files(hosts, facts, wants)
             runtime = SystemdRuntime(hosts, unit_name(self.spec.host_paths))
             actions = await self.service_actions(runtime, wants)
+            actions.update({name: None for name in members.joining})  # they join as learners
             if not self.dry_run:
                 self.progress.phase("services")
                 await self.services(record, runtime, actions)
         finally:
-            await close_all(hosts)
+            await close_all({**hosts, **{n: h for n, (h, _) in leaving.items()}})
         done = admin.pending if self.dry_run else admin.changed
         results = tuple(
             HostResult(m.name, hosts[m.name].label, changes[m.name], actions[m.name])
             for m in self.spec.members
         )
-        return done, results
+        return done, results, members
+
+    async def connect_leaving(self) -> tuple[dict[str, tuple[Host, HostPathsSpec]], list[str]]:
+        if self.dry_run or self.previous is None:
+            return {}, []
+        return await connect_leaving(self.spec, self.previous)
+
+    async def membership(
+        self,
+        hosts: dict[str, Host],
+        facts: dict[str, preflight.HostFacts],
+        leaving: dict[str, tuple[Host, HostPathsSpec]],
+    ) -> MembershipResult:
+        """Members joined and left, one at a time, before any other host changes."""
+        assert self.previous is not None
+        unit = unit_name(self.spec.host_paths)
+        runtime = SystemdRuntime({**{n: h for n, (h, _) in leaving.items()}, **hosts}, unit)
+        provisioner = HostProvisioner(
+            self.spec,
+            self.layout,
+            self.release,
+            self.previous.token,
+            hosts,
+            facts,
+            leaving,
+            self.progress,
+        )
+        changes = Membership(
+            self.previous,
+            self.spec,
+            runtime,
+            provisioner,
+            lambda r: write_record(self.layout, r),
+            self.progress,
+            self.timeout,
+        )
+        found = await converge_membership(
+            changes, self.layout, self.options, self.progress, self.dry_run
+        )
+        self.previous = read_record(self.layout.root) or self.previous
+        return found
+
+    def desired(self, member: MemberSpec, record: ClusterRecord) -> Desired:
+        state = record.member(member.name).initial_state
+        return desired(self.spec, self.layout, member, record.token, state)
 
     def record(self, token: str) -> ClusterRecord:
         """The record names each member's data dir on its host, not a path on this machine."""
         binary = EtcdBinary(Path(self.spec.host_paths.bin_dir) / "etcd", self.release.version)
         data_dir = Path(self.spec.host_paths.data_dir)
-        return build_record(self.spec, self.layout, binary, token, data_dir)
+        return build_record(self.spec, self.layout, binary, token, data_dir, self.previous)
 
     def admin_pki(self, record: ClusterRecord) -> PlanResult:
         steps = [

@@ -113,8 +113,3 @@ def membership(
     return Membership(
         record, spec, runtime, provisioner, lambda r: write_record(layout, r), progress, timeout
     )
-
-
-def same_members(spec: ClusterSpec, record: ClusterRecord) -> bool:
-    wanted = [(m.name, m.client_url, m.peer_url) for m in spec.members]
-    return sorted(wanted) == sorted((m.name, m.client_url, m.peer_url) for m in record.members)

@@ -25,13 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from etcdforge.client import EtcdClient, EtcdReplyError
 from etcdforge.errors import EtcdClientError, ServiceError, UnsafeOperationError
-from etcdforge.layout import StateLayout
 from etcdforge.names import initial_cluster
 from etcdforge.ops.health import HEALTH_TIMEOUT, hand_off_leadership, wait_healthy
 from etcdforge.ops.member_plan import (
@@ -47,13 +46,7 @@ from etcdforge.ops.member_plan import (
     plan_membership,
     promotion_warning,
 )
-from etcdforge.ops.member_record import (
-    clear_replacement,
-    only_members,
-    read_replacement,
-    with_member,
-    without_member,
-)
+from etcdforge.ops.member_record import only_members, with_member, without_member
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.record import ClusterRecord, MemberRecord
 from etcdforge.services.runtime import MemberRuntime
@@ -99,14 +92,6 @@ class Provisioner(Protocol):
 
 
 @dataclass(frozen=True)
-class MembershipResult:
-    """What a membership phase did (or, on a dry run, would do, with why each step is safe)."""
-
-    steps: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class MemberOptions:
     """What the user allowed: which members may be removed, and what happens to their data."""
 
@@ -141,18 +126,7 @@ class Membership:
 
     async def observe(self) -> tuple[LiveMember, ...]:
         """The live member list, each member with its status (health, leader, raft index)."""
-        endpoints = list(dict.fromkeys([*self.record.endpoints, *self.spec.client_endpoints]))
-        async with self._client(endpoints, OBSERVE_TIMEOUT) as client:
-            try:
-                members = await client.member_list()
-            except EtcdClientError as exc:
-                raise EtcdClientError(
-                    f"cluster {self.record.name} does not answer, so its members cannot change "
-                    f"({exc}); start it first (`etcdforge up` / `apply` with the deployed spec)"
-                ) from None
-            urls = [u for m in members for u in m.client_urls]
-            statuses = await asyncio.gather(*(client.status(u) for u in dict.fromkeys(urls)))
-        return live_members(members, statuses)
+        return await observe(self.record, self.spec.client_endpoints)
 
     def wanted(self) -> list[Wanted]:
         return [Wanted(m.name, m.peer_url, m.client_url) for m in self.spec.members]
@@ -185,7 +159,7 @@ class Membership:
                 f"cluster {self.record.name}; confirm, or pass --yes"
             )
         for _ in range(MAX_CHANGES):
-            await self.retire_leftovers(live, options.purge_data)
+            await self.retire_leftovers(live, options.purge_data, replacement)
             if not plan.changes:
                 return done
             change = plan.changes[0]
@@ -199,19 +173,28 @@ class Membership:
             plan = self.plan(live, options.allow_even, replacement)
         raise ServiceError(f"membership did not converge after {MAX_CHANGES} changes")
 
-    def leftovers(self, live: Collection[LiveMember]) -> list[MemberRecord]:
+    def leftovers(
+        self, live: Collection[LiveMember], replacement: Replacement | None = None
+    ) -> list[MemberRecord]:
         """Members of the record that the cluster no longer lists and the spec does not want
-        (a run killed between `member remove` and stopping the member)."""
+        (a run killed between `member remove` and stopping the member), or that are being
+        replaced: their old data must go before the new member starts."""
         urls = {u for m in live for u in m.peer_urls}
         wanted = {(w.name, w.peer_url) for w in self.wanted()}
+        rebuilt = replacement.name if replacement is not None else None
         return [
             m
             for m in self.record.members
-            if m.peer_url not in urls and (m.name, m.peer_url) not in wanted
+            if m.peer_url not in urls and ((m.name, m.peer_url) not in wanted or m.name == rebuilt)
         ]
 
-    async def retire_leftovers(self, live: Collection[LiveMember], purge_data: bool) -> None:
-        for member in self.leftovers(live):
+    async def retire_leftovers(
+        self,
+        live: Collection[LiveMember],
+        purge_data: bool,
+        replacement: Replacement | None = None,
+    ) -> None:
+        for member in self.leftovers(live, replacement):
             await self._retire(member.name, purge_data)
 
     async def _settle(self, before: Collection[LiveMember], change: MemberChange) -> None:
@@ -386,6 +369,23 @@ class Membership:
         self.save(record)
 
 
+async def observe(record: ClusterRecord, more: Sequence[str] = ()) -> tuple[LiveMember, ...]:
+    """The live member list, asked of the recorded members (and `more` endpoints), each member
+    with its own status: health, leadership, raft index."""
+    endpoints = list(dict.fromkeys([*record.endpoints, *more]))
+    async with EtcdClient(endpoints, record.admin_tls, timeout=OBSERVE_TIMEOUT) as client:
+        try:
+            members = await client.member_list()
+        except EtcdClientError as exc:
+            raise EtcdClientError(
+                f"cluster {record.name} does not answer, so its members cannot change ({exc}); "
+                "start it first (`etcdforge up`, or `apply` with the spec it was deployed with)"
+            ) from None
+        urls = [u for m in members for u in m.client_urls]
+        statuses = await asyncio.gather(*(client.status(u) for u in dict.fromkeys(urls)))
+    return live_members(members, statuses)
+
+
 def join_list(live: Collection[LiveMember], change: MemberChange) -> str:
     """What a joining member's --initial-cluster must say: exactly the cluster's members."""
     others = [m for m in live if m.id != change.member_id and m.name and m.peer_urls]
@@ -421,29 +421,3 @@ async def _indexes(client: EtcdClient, endpoint: str) -> tuple[int | None, int |
     mine = next((s.raft_index for s in statuses if s.endpoint == endpoint.rstrip("/")), None)
     leader = next((s.raft_index for s in statuses if s.is_leader), None)
     return mine, leader
-
-
-def run_membership(
-    changes: Membership,
-    layout: StateLayout,
-    options: MemberOptions,
-    progress: Progress = SILENT,
-    dry_run: bool = False,
-) -> MembershipResult:
-    """`up`'s and `apply`'s membership phase: plan from the live members (and the replacement
-    `member replace` started, if any), then change them one at a time."""
-
-    async def run() -> MembershipResult:
-        replacement = read_replacement(layout)
-        live = await changes.observe()
-        plan = changes.plan(live, options.allow_even, replacement)
-        if dry_run:
-            return MembershipResult(tuple(plan.describe()))
-        if plan.changes or changes.leftovers(live):
-            progress.phase("membership")
-        done = await changes.converge(options, replacement)
-        if replacement is not None:
-            clear_replacement(layout)  # converged: the member runs under its new ID
-        return MembershipResult(tuple(done), tuple(changes.warnings))
-
-    return asyncio.run(run())

@@ -28,9 +28,13 @@ from etcdforge.ops.admin_state import (
 )
 from etcdforge.ops.cert_import import peer_allowed_cn, pki_steps
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
-from etcdforge.ops.member_local import flags_step, membership, same_members
+from etcdforge.ops.member_local import flags_step, membership
+from etcdforge.ops.member_phase import MembershipResult, converge_membership, same_members
 from etcdforge.ops.member_record import read_replacement
-from etcdforge.ops.membership import CAUTIOUS, MemberOptions, MembershipResult, run_membership
+from etcdforge.ops.membership import (
+    CAUTIOUS,
+    MemberOptions,
+)
 from etcdforge.ops.plan import SILENT, Progress, Step, execute
 from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.target import Selection, deployed_spec, spec_for_up
@@ -170,12 +174,13 @@ def _membership(
     """Members joined and left, from the live member list; none when nothing can have changed."""
     unchanged = same_members(spec, previous) and read_replacement(layout) is None
     runtime = LocalRuntime(previous)
-    down = [m.name for m in previous.members if runtime.pid(m.name) is None]
-    if unchanged and down:
+    stopped = all(runtime.pid(m.name) is None for m in previous.members)
+    if unchanged and stopped:
         return MembershipResult()  # the start steps below bring the members back
-    if down and not dry_run:
+    if stopped and not dry_run and read_replacement(layout) is None:
+        # A stopped cluster (`down`) comes back as deployed first, then its members change.
         progress.phase("deployed members")
         execute(up_steps(deployed_spec(previous), layout, previous, []), progress)
         asyncio.run(wait_healthy(previous, runtime, timeout))
     changes = membership(spec, layout, previous, progress, timeout)
-    return run_membership(changes, layout, options, progress, dry_run)
+    return asyncio.run(converge_membership(changes, layout, options, progress, dry_run))
