@@ -36,14 +36,18 @@ def member_options(
 ) -> MemberOptions:
     """Ask before removing members the spec dropped (on a terminal); refuse unsafe plans now."""
     from etcdforge.ops.member_phase import preview
-    from etcdforge.ops.membership import MemberOptions
+    from etcdforge.ops.membership import MemberOptions, check_confirmed
 
     options = MemberOptions(remove_any=yes, purge_data=purge_data, allow_even=allow_even)
-    plan = preview(selection, members, allow_even)  # an unsafe change stops here, before the lock
-    names = [c.name for c in plan.removals if not c.replacing] if plan is not None else []
-    if yes or not names or not sys.stdin.isatty():
-        return options  # without a confirmation the operation refuses to remove them
-    assert plan is not None
+    found = preview(selection, members, allow_even)  # an unsafe change stops here, before the lock
+    if found is None or yes:
+        return options
+    cluster, plan = found
+    names = [c.name for c in plan.removals if not c.replacing]
+    if not names:
+        return options
+    if not sys.stdin.isatty():
+        check_confirmed(plan, options, cluster)
     _show(plan.describe())
     data = "deleted" if purge_data else "renamed aside"
     click.confirm(

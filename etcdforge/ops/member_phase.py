@@ -15,7 +15,7 @@ from etcdforge.errors import EtcdClientError
 from etcdforge.layout import StateLayout
 from etcdforge.ops.member_plan import MemberPlan, Wanted, plan_membership
 from etcdforge.ops.member_record import clear_replacement, read_replacement
-from etcdforge.ops.membership import MemberOptions, Membership, observe
+from etcdforge.ops.membership import MemberOptions, Membership, check_confirmed, observe
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.record import ClusterRecord
@@ -53,6 +53,7 @@ async def converge_membership(
     plan = changes.plan(live, options.allow_even, replacement)
     if dry_run:
         return MembershipResult(tuple(plan.describe()), joining=_joining(plan))
+    check_confirmed(plan, options, changes.record.name)
     if plan.changes or changes.leftovers(live, replacement):
         progress.phase("membership")
     done = await changes.converge(options, replacement)
@@ -61,8 +62,11 @@ async def converge_membership(
     return MembershipResult(tuple(done), tuple(changes.warnings))
 
 
-def preview(selection: Selection, members: int | None, allow_even: bool) -> MemberPlan | None:
-    """The membership plan `up`/`apply` would follow now, read-only, so the command can ask
+def preview(
+    selection: Selection, members: int | None, allow_even: bool
+) -> tuple[str, MemberPlan] | None:
+    """The cluster's name and the membership plan `up`/`apply` would follow now, read-only, so
+    the command can ask
     before removing members; None when nothing is deployed or the cluster does not answer (the
     command itself then says why). An unsafe change is refused here already."""
     spec, layout, record = spec_for_up(selection, members, allow_even)
@@ -74,7 +78,8 @@ def preview(selection: Selection, members: int | None, allow_even: bool) -> Memb
         return None
     wanted = [Wanted(m.name, m.peer_url, m.client_url) for m in spec.members]
     recorded = [m.name for m in record.members]
-    return plan_membership(wanted, live, recorded, allow_even, read_replacement(layout))
+    plan = plan_membership(wanted, live, recorded, allow_even, read_replacement(layout))
+    return spec.name, plan
 
 
 def _joining(plan: MemberPlan) -> tuple[str, ...]:

@@ -149,15 +149,7 @@ class Membership:
         done: list[str] = []
         live = await self.observe()
         plan = self.plan(live, options.allow_even, replacement)
-        # A replaced member's removal was confirmed by `member replace` (its marker).
-        refused = [
-            c.name for c in plan.removals if not c.replacing and not options.may_remove(c.name)
-        ]
-        if refused:
-            raise UnsafeOperationError(
-                f"the spec no longer lists {', '.join(refused)}: they would be removed from "
-                f"cluster {self.record.name}; confirm, or pass --yes"
-            )
+        check_confirmed(plan, options, self.record.name)
         for _ in range(MAX_CHANGES):
             await self.retire_leftovers(live, options.purge_data, replacement)
             if not plan.changes:
@@ -252,7 +244,7 @@ class Membership:
                     return  # promoted already (a previous run was killed right after)
                 mine, leader = await _indexes(client, endpoint)
                 share = catch_up(mine, leader)
-                line = f"{name} catching up: raft index {mine or 0} of {leader or '?'}"
+                line = f"catching up: raft index {mine or 0} of {leader or '?'}"
                 line += f" ({share:.0%})" if share is not None else ""
                 if line != shown:
                     self.progress.step(self.runtime.label(name), line)
@@ -384,6 +376,17 @@ async def observe(record: ClusterRecord, more: Sequence[str] = ()) -> tuple[Live
         urls = [u for m in members for u in m.client_urls]
         statuses = await asyncio.gather(*(client.status(u) for u in dict.fromkeys(urls)))
     return live_members(members, statuses)
+
+
+def check_confirmed(plan: MemberPlan, options: MemberOptions, cluster: str) -> None:
+    """Members the spec dropped leave only with the user's confirmation (a replaced member's
+    removal was confirmed by `member replace`, which left its marker)."""
+    refused = [c.name for c in plan.removals if not c.replacing and not options.may_remove(c.name)]
+    if refused:
+        raise UnsafeOperationError(
+            f"the spec no longer lists {', '.join(refused)}: they would be removed from cluster "
+            f"{cluster}; confirm on a terminal, or pass --yes"
+        )
 
 
 def join_list(live: Collection[LiveMember], change: MemberChange) -> str:
