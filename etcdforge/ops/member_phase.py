@@ -15,7 +15,7 @@ from etcdforge.errors import EtcdClientError
 from etcdforge.layout import StateLayout
 from etcdforge.ops.member_plan import MemberPlan, Wanted, plan_membership
 from etcdforge.ops.member_record import clear_replacement, read_replacement
-from etcdforge.ops.membership import MemberOptions, Membership, check_confirmed, observe
+from etcdforge.ops.membership import MemberOptions, Membership, observe
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.record import ClusterRecord
@@ -53,7 +53,7 @@ async def converge_membership(
     plan = changes.plan(live, options.allow_even, replacement)
     if dry_run:
         return MembershipResult(tuple(plan.describe()), joining=_joining(plan))
-    check_confirmed(plan, options, changes.record.name)
+    await changes.check(plan, live, options, replacement)
     if plan.changes or changes.leftovers(live, replacement):
         progress.phase("membership")
     done = await changes.converge(options, replacement)

@@ -149,7 +149,7 @@ class Membership:
         done: list[str] = []
         live = await self.observe()
         plan = self.plan(live, options.allow_even, replacement)
-        check_confirmed(plan, options, self.record.name)
+        await self.check(plan, live, options, replacement)
         for _ in range(MAX_CHANGES):
             await self.retire_leftovers(live, options.purge_data, replacement)
             if not plan.changes:
@@ -164,6 +164,30 @@ class Membership:
             live = await self.observe()
             plan = self.plan(live, options.allow_even, replacement)
         raise ServiceError(f"membership did not converge after {MAX_CHANGES} changes")
+
+    async def check(
+        self,
+        plan: MemberPlan,
+        live: Collection[LiveMember],
+        options: MemberOptions,
+        replacement: Replacement | None = None,
+    ) -> None:
+        """What the plan cannot see: confirmations, and data already where a member would join
+        (another cluster's, or a member's removed by hand), checked before any change."""
+        check_confirmed(plan, options, self.record.name)
+        leaving = {c.name for c in plan.removals}
+        leaving |= {m.name for m in self.leftovers(live, replacement)}
+        for change in plan.additions:
+            if change.member_id is None and change.name not in leaving:
+                await self._refuse_data(change.name)
+
+    async def _refuse_data(self, name: str) -> None:
+        if await self.provisioner.has_data(name):
+            raise UnsafeOperationError(
+                f"{self.runtime.label(name)}: {self.provisioner.data_dir(name)} already holds etcd "
+                f"data, but the cluster does not list {name}; move it away so that {name} joins "
+                f"empty, or rebuild it with `etcdforge member replace {name} -f FILE`"
+            )
 
     def leftovers(
         self, live: Collection[LiveMember], replacement: Replacement | None = None
@@ -205,12 +229,8 @@ class Membership:
         name = change.name
         label = self.runtime.label(name)
         member_id = change.member_id
-        if member_id is None and await self.provisioner.has_data(name):
-            raise UnsafeOperationError(
-                f"{label}: {self.provisioner.data_dir(name)} already holds etcd data, but the "
-                f"cluster does not list {name}; move it away so that {name} joins empty, or "
-                f"rebuild it with `etcdforge member replace {name} -f FILE`"
-            )
+        if member_id is None:
+            await self._refuse_data(name)
         joined = join_list(live, change)
         self.progress.step(label, f"install {name}'s certificates and settings (state existing)")
         await self.provisioner.provision(name, self.record.token, joined)
