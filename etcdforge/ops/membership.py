@@ -68,6 +68,8 @@ RECONFIG_POLL = 0.25
 CATCH_UP_POLL = 0.2
 MAX_CHANGES = 16  # bounds a converge loop: a 7-member cluster replaced entirely is 14 changes
 OBSERVE_TIMEOUT = 3.0
+OBSERVE_POLL = 0.5
+ELECTION_GRACE = 15.0  # a lost leader is replaced within a few election timeouts
 
 
 class Provisioner(Protocol):
@@ -383,19 +385,27 @@ class Membership:
 
 async def observe(record: ClusterRecord, more: Sequence[str] = ()) -> tuple[LiveMember, ...]:
     """The live member list, asked of the recorded members (and `more` endpoints), each member
-    with its own status: health, leadership, raft index."""
+    with its own status: health, leadership, raft index. While the members answer but none is a
+    healthy leader (an election after a member was lost), asks again for up to ELECTION_GRACE."""
     endpoints = list(dict.fromkeys([*record.endpoints, *more]))
+    deadline = time.monotonic() + ELECTION_GRACE
     async with EtcdClient(endpoints, record.admin_tls, timeout=OBSERVE_TIMEOUT) as client:
-        try:
-            members = await client.member_list()
-        except EtcdClientError as exc:
-            raise EtcdClientError(
-                f"cluster {record.name} does not answer, so its members cannot change ({exc}); "
-                "start it first (`etcdforge up`, or `apply` with the spec it was deployed with)"
-            ) from None
-        urls = [u for m in members for u in m.client_urls]
-        statuses = await asyncio.gather(*(client.status(u) for u in dict.fromkeys(urls)))
-    return live_members(members, statuses)
+        for _ in range(int(ELECTION_GRACE / OBSERVE_POLL) + 2):
+            try:
+                members = await client.member_list()
+            except EtcdClientError as exc:
+                raise EtcdClientError(
+                    f"cluster {record.name} does not answer, so its members cannot change "
+                    f"({exc}); start it first (`etcdforge up`, or `apply` with the spec it was "
+                    "deployed with)"
+                ) from None
+            urls = dict.fromkeys(u for m in members for u in m.client_urls)
+            statuses = await asyncio.gather(*(client.status(u) for u in urls))
+            found = live_members(members, statuses)
+            if any(m.is_leader and m.healthy for m in found) or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(OBSERVE_POLL)
+    return found
 
 
 def check_confirmed(plan: MemberPlan, options: MemberOptions, cluster: str) -> None:
