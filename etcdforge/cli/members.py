@@ -13,7 +13,7 @@ from etcdforge.cli.common import cluster_options, exclusive, timeout_option, wai
 from etcdforge.errors import UnsafeOperationError
 
 if TYPE_CHECKING:
-    from etcdforge.ops.membership import MemberOptions
+    from etcdforge.ops.member_plan import MemberOptions
     from etcdforge.ops.target import Selection
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,7 +36,7 @@ def member_options(
 ) -> MemberOptions:
     """Ask before removing members the spec dropped (on a terminal); refuse unsafe plans now."""
     from etcdforge.ops.member_phase import preview
-    from etcdforge.ops.membership import MemberOptions, check_confirmed
+    from etcdforge.ops.member_plan import MemberOptions, check_confirmed
 
     options = MemberOptions(remove_any=yes, purge_data=purge_data, allow_even=allow_even)
     found = preview(selection, members, allow_even)  # an unsafe change stops here, before the lock

@@ -117,6 +117,34 @@ class MemberPlan:
         return [f"{i}. {c.title}: {c.why}" for i, c in enumerate(self.changes, 1)]
 
 
+@dataclass(frozen=True)
+class MemberOptions:
+    """What the user allowed: which members may be removed, and what happens to their data."""
+
+    remove_any: bool = False  # --yes
+    confirmed: frozenset[str] = frozenset()  # removals the user confirmed interactively
+    purge_data: bool = False
+    allow_even: bool = False
+
+    def may_remove(self, name: str) -> bool:
+        return self.remove_any or name in self.confirmed
+
+
+#: The default: nothing removed without the user's confirmation, data kept.
+CAUTIOUS = MemberOptions()
+
+
+def check_confirmed(plan: MemberPlan, options: MemberOptions, cluster: str) -> None:
+    """Members the spec dropped leave only with the user's confirmation (a replaced member's
+    removal was confirmed by `member replace`, which left its marker)."""
+    refused = [c.name for c in plan.removals if not c.replacing and not options.may_remove(c.name)]
+    if refused:
+        raise UnsafeOperationError(
+            f"the spec no longer lists {', '.join(refused)}: they would be removed from cluster "
+            f"{cluster}; confirm on a terminal, or pass --yes"
+        )
+
+
 def quorum(voters: int) -> int:
     return voters // 2 + 1
 

@@ -33,6 +33,7 @@ from etcdforge.client import EtcdClient, EtcdReplyError
 from etcdforge.errors import EtcdClientError, ServiceError, UnsafeOperationError
 from etcdforge.names import initial_cluster
 from etcdforge.ops.health import HEALTH_TIMEOUT, hand_off_leadership, wait_healthy
+from etcdforge.ops.member_plan import CAUTIOUS as CAUTIOUS
 from etcdforge.ops.member_plan import (
     PROMOTE_READY,
     ChangeKind,
@@ -42,10 +43,12 @@ from etcdforge.ops.member_plan import (
     Replacement,
     Wanted,
     catch_up,
+    check_confirmed,
     live_members,
     plan_membership,
     promotion_warning,
 )
+from etcdforge.ops.member_plan import MemberOptions as MemberOptions
 from etcdforge.ops.member_record import only_members, with_member, without_member
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.record import ClusterRecord, MemberRecord
@@ -91,23 +94,6 @@ class Provisioner(Protocol):
         its own name left from its old address), and set its data dir aside (delete it with
         `purge_data`); returns a warning instead when its machine cannot be reached."""
         ...
-
-
-@dataclass(frozen=True)
-class MemberOptions:
-    """What the user allowed: which members may be removed, and what happens to their data."""
-
-    remove_any: bool = False  # --yes
-    confirmed: frozenset[str] = frozenset()  # removals the user confirmed interactively
-    purge_data: bool = False
-    allow_even: bool = False
-
-    def may_remove(self, name: str) -> bool:
-        return self.remove_any or name in self.confirmed
-
-
-#: The default: nothing removed without the user's confirmation, data kept.
-CAUTIOUS = MemberOptions()
 
 
 @dataclass
@@ -406,17 +392,6 @@ async def observe(record: ClusterRecord, more: Sequence[str] = ()) -> tuple[Live
                 return found
             await asyncio.sleep(OBSERVE_POLL)
     return found
-
-
-def check_confirmed(plan: MemberPlan, options: MemberOptions, cluster: str) -> None:
-    """Members the spec dropped leave only with the user's confirmation (a replaced member's
-    removal was confirmed by `member replace`, which left its marker)."""
-    refused = [c.name for c in plan.removals if not c.replacing and not options.may_remove(c.name)]
-    if refused:
-        raise UnsafeOperationError(
-            f"the spec no longer lists {', '.join(refused)}: they would be removed from cluster "
-            f"{cluster}; confirm on a terminal, or pass --yes"
-        )
 
 
 def join_list(live: Collection[LiveMember], change: MemberChange) -> str:
