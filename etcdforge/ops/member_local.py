@@ -21,6 +21,7 @@ from etcdforge.layout import StateLayout
 from etcdforge.ops.admin_state import dir_step
 from etcdforge.ops.cert_import import import_marker, peer_allowed_cn
 from etcdforge.ops.certs import member_pki_steps
+from etcdforge.ops.health import HEALTH_TIMEOUT
 from etcdforge.ops.membership import Membership
 from etcdforge.ops.plan import SILENT, Progress, Step, execute
 from etcdforge.record import ClusterRecord, MemberRecord, write_record
@@ -105,7 +106,7 @@ def membership(
     layout: StateLayout,
     record: ClusterRecord,
     progress: Progress = SILENT,
-    timeout: float = 120.0,
+    timeout: float = HEALTH_TIMEOUT,
 ) -> Membership:
     """The membership machinery of a local cluster, saving the record into its state dir."""
     runtime = LocalRuntime(record)

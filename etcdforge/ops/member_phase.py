@@ -15,7 +15,7 @@ from etcdforge.errors import EtcdClientError
 from etcdforge.layout import StateLayout
 from etcdforge.ops.member_plan import MemberPlan, Wanted, plan_membership
 from etcdforge.ops.member_record import clear_replacement, read_replacement
-from etcdforge.ops.membership import MemberOptions, Membership, observe
+from etcdforge.ops.membership import ELECTION_GRACE, MemberOptions, Membership, observe
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.record import ClusterRecord
@@ -44,10 +44,11 @@ async def converge_membership(
     `member replace` started, if any), then change them one at a time. A cluster that does not
     answer is left to the caller's start steps when nothing about its members changes."""
     replacement = read_replacement(layout)
-    try:
-        live = await changes.observe()
+    unchanged = replacement is None and same_members(changes.spec, changes.record)
+    try:  # only a learner left half-way can be pending: no need to wait out an election
+        live = await changes.observe(0.0 if unchanged else ELECTION_GRACE)
     except EtcdClientError:
-        if replacement is None and same_members(changes.spec, changes.record):
+        if unchanged:
             return MembershipResult()
         raise
     plan = changes.plan(live, options.allow_even, replacement)
@@ -72,14 +73,15 @@ def preview(
     spec, layout, record = spec_for_up(selection, members, allow_even)
     if record is None:
         return None
+    replacement = read_replacement(layout)
+    grace = 0.0 if replacement is None and same_members(spec, record) else ELECTION_GRACE
     try:
-        live = asyncio.run(observe(record, spec.client_endpoints))
+        live = asyncio.run(observe(record, spec.client_endpoints, grace))
     except EtcdClientError:
         return None
     wanted = [Wanted(m.name, m.peer_url, m.client_url) for m in spec.members]
     recorded = [m.name for m in record.members]
-    plan = plan_membership(wanted, live, recorded, allow_even, read_replacement(layout))
-    return spec.name, plan
+    return spec.name, plan_membership(wanted, live, recorded, allow_even, replacement)
 
 
 def _joining(plan: MemberPlan) -> tuple[str, ...]:

@@ -112,9 +112,9 @@ class Membership:
 
     # --- observing ------------------------------------------------------------------------
 
-    async def observe(self) -> tuple[LiveMember, ...]:
+    async def observe(self, grace: float = ELECTION_GRACE) -> tuple[LiveMember, ...]:
         """The live member list, each member with its status (health, leader, raft index)."""
-        return await observe(self.record, self.spec.client_endpoints)
+        return await observe(self.record, self.spec.client_endpoints, grace)
 
     def wanted(self) -> list[Wanted]:
         return [Wanted(m.name, m.peer_url, m.client_url) for m in self.spec.members]
@@ -369,14 +369,16 @@ class Membership:
         self.save(record)
 
 
-async def observe(record: ClusterRecord, more: Sequence[str] = ()) -> tuple[LiveMember, ...]:
+async def observe(
+    record: ClusterRecord, more: Sequence[str] = (), grace: float = ELECTION_GRACE
+) -> tuple[LiveMember, ...]:
     """The live member list, asked of the recorded members (and `more` endpoints), each member
     with its own status: health, leadership, raft index. While the members answer but none is a
-    healthy leader (an election after a member was lost), asks again for up to ELECTION_GRACE."""
+    healthy leader (an election after a member was lost), asks again for up to `grace` s."""
     endpoints = list(dict.fromkeys([*record.endpoints, *more]))
-    deadline = time.monotonic() + ELECTION_GRACE
+    deadline = time.monotonic() + grace
     async with EtcdClient(endpoints, record.admin_tls, timeout=OBSERVE_TIMEOUT) as client:
-        for _ in range(int(ELECTION_GRACE / OBSERVE_POLL) + 2):
+        for _ in range(int(grace / OBSERVE_POLL) + 2):
             try:
                 members = await client.member_list()
             except EtcdClientError as exc:
