@@ -171,6 +171,8 @@ class Apply:
             members = MembershipResult()
             if self.previous is not None:
                 leaving, notes = await self.connect_leaving()
+                for note in notes:
+                    self.progress.step("connect", note)
                 members = await self.membership(hosts, facts, leaving)
                 members = dataclasses.replace(members, warnings=(*notes, *members.warnings))
             record = self.record(token or new_token(self.spec.name))

@@ -331,6 +331,7 @@ class Membership:
             self.progress.step(name, f"stop and disable etcd; {what}")
             warning = await self.provisioner.retire(recorded, purge_data)
             if warning:
+                self.progress.step(name, f"skipped: {warning}")
                 self.warnings.append(warning)
         self._save(without_member(self.record, name))
 
