@@ -22,11 +22,14 @@ def etcd_settings(
     token: str,
     initial_state: str = "new",
     peer_allowed_cn: str | None = None,
+    initial_cluster: str | None = None,
 ) -> Settings:
     """Mutual TLS on both ports and no plain-http listener: the seed's defects, fixed.
 
     `peer_allowed_cn` pins the peer port to one certificate CN; it is needed only when the peer
-    and client certificates share a CA (an imported single-CA PKI).
+    and client certificates share a CA (an imported single-CA PKI). `initial_cluster` (default:
+    the spec's members) is the live member list a member joins (state "existing"): etcd checks
+    that it names exactly the members the cluster has.
     """
     settings: Settings = {
         "name": member.name,
@@ -35,7 +38,7 @@ def etcd_settings(
         "advertise-client-urls": member.client_url,
         "listen-peer-urls": member.peer_url,
         "initial-advertise-peer-urls": member.peer_url,
-        "initial-cluster": spec.initial_cluster,
+        "initial-cluster": initial_cluster or spec.initial_cluster,
         "initial-cluster-token": token,
         "initial-cluster-state": initial_state,
         "cert-file": str(files.server_cert),
@@ -56,6 +59,13 @@ def etcd_settings(
     return settings
 
 
+#: Read only when a member bootstraps or joins; etcd ignores them once its data dir holds data
+#: ("--initial prefix flags are used in bootstrapping ... and ignored when restarting an existing
+#: member", https://etcd.io/docs/v3.5/op-guide/configuration/). So every member's settings can
+#: name the current member list after a membership change, without a restart.
+BOOTSTRAP_ONLY = frozenset({"initial-cluster", "initial-cluster-state"})
+
+
 def as_flags(settings: Settings) -> list[str]:
     return [f"--{name}={value}" for name, value in settings.items()]
 
@@ -63,5 +73,10 @@ def as_flags(settings: Settings) -> list[str]:
 def as_env_file(settings: Settings) -> str:
     """`ETCD_NAME=...` lines for a systemd EnvironmentFile; values never need quoting here."""
     lines = ["# Rendered by etcdforge; edit the cluster spec, not this file."]
-    lines += [f"ETCD_{name.upper().replace('-', '_')}={value}" for name, value in settings.items()]
+    lines += [f"{env_name(name)}={value}" for name, value in settings.items()]
     return "\n".join(lines) + "\n"
+
+
+def env_name(setting: str) -> str:
+    """The variable etcd reads a setting from: `initial-cluster` -> ETCD_INITIAL_CLUSTER."""
+    return f"ETCD_{setting.upper().replace('-', '_')}"

@@ -25,10 +25,10 @@ from etcdforge.errors import SpecError
 from etcdforge.names import HOSTNAME_LABEL as HOSTNAME_LABEL
 from etcdforge.names import SAFE_NAME as SAFE_NAME
 from etcdforge.names import KeyAlgorithm as KeyAlgorithm
+from etcdforge.names import initial_cluster, require_member
 from etcdforge.names import is_hostname as is_hostname
 from etcdforge.names import is_ip as is_ip
 from etcdforge.names import is_loopback as is_loopback
-from etcdforge.names import require_member
 
 MAX_MEMBERS = 7
 DEFAULT_MEMBER_COUNTS = (1, 3, 5, 7)
@@ -245,7 +245,7 @@ class ClusterSpec(_Strict):
 
     @property
     def initial_cluster(self) -> str:
-        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        return initial_cluster(self.members)
 
 
 def default_spec(members: int = 3, name: str = "default") -> ClusterSpec:

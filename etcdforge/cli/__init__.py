@@ -22,6 +22,7 @@ COMMANDS = {
     "apply": "etcdforge.cli.hosts:apply_cmd",
     "reset": "etcdforge.cli.hosts:reset_cmd",
     "upgrade": "etcdforge.cli.upgrade:upgrade_cmd",
+    "member": "etcdforge.cli.members:member_group",
     "certs": "etcdforge.cli.certs:certs_group",
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
     "check": "etcdforge.cli.check:check_cmd",

@@ -18,6 +18,7 @@ from etcdforge.cli.common import (
     timeout_option,
     warn,
 )
+from etcdforge.cli.members import member_options, print_membership, removal_options
 
 if TYPE_CHECKING:
     from etcdforge.ops.status import MemberStatus
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     type=DIRECTORY,
     help="Import an existing cfssl PKI (ca.pem, server.pem, peer.pem, client.pem and keys).",
 )
+@removal_options
 def up_cmd(
     selection: Selection,
     members: int | None,
@@ -42,16 +44,21 @@ def up_cmd(
     dry_run: bool,
     timeout: float,
     pki_dir: Path | None,
+    yes: bool,
+    purge_data: bool,
     wait_lock: float,
 ) -> None:
-    """Create or resume a local mutual-TLS cluster and wait until it is healthy."""
+    """Create or resume a local mutual-TLS cluster and wait until it is healthy; members added
+    to or removed from the spec join or leave it one at a time."""
     from etcdforge.ops.up import up
 
+    options = member_options(selection, members, allow_even, yes or dry_run, purge_data)
     with exclusive(selection, wait_lock, dry_run) as progress:
-        result = up(selection, members, allow_even, dry_run, progress, timeout, pki_dir)
+        result = up(selection, members, allow_even, dry_run, progress, timeout, pki_dir, options)
     for message in result.warnings:
         warn(message)
     if dry_run:
+        print_membership(result.membership, planned=True)
         click.echo(f"cluster {result.cluster}: {len(result.pending)} step(s) would run")
         for title in result.pending:
             click.echo(f"  - {title}")
@@ -63,6 +70,7 @@ def up_cmd(
         click.echo(f"{summary}: started {', '.join(result.started)}; all healthy")
     else:
         click.echo(f"{summary}: updated files; all healthy")
+    print_membership(result.membership)
     click.echo(f'state: {result.state_dir}   next: eval "$(etcdforge env)"; etcdforge status')
 
 
@@ -120,7 +128,7 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
             row.name,
             row.endpoint,
             row.version or "-",
-            "*" if row.is_leader else "",
+            _role(row),
             str(row.raft_term) if row.raft_term is not None else "-",
             str(row.raft_index) if row.raft_index is not None else "-",
             _human_size(row.db_size),
@@ -129,6 +137,13 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
     # A pipe has no width; never truncate an endpoint or an error to fit 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
+
+
+def _role(row: MemberStatus) -> str:
+    """`*` for the leader; a learner shows how far it has caught up with the leader."""
+    if row.is_learner:
+        return "learner" + (f" {row.catch_up:.0%}" if row.catch_up is not None else "")
+    return "*" if row.is_leader else ""
 
 
 def _human_size(size: int | None) -> str:

@@ -8,6 +8,9 @@ The phases, in order, so that a mistake anywhere stops before anything changes e
 3. **preflight**: every check on every host (`ops.preflight`), before any host is touched;
 4. **admin PKI**: the CAs, the leaves and the cluster record on the admin machine (CA keys never
    leave it);
+   then **membership**: members the spec adds or drops join or leave the live cluster, one at a
+   time (`ops.member_phase`, `ops.membership`; a joining host gets its files from
+   `ops.member_hosts`);
 5. **files**: every host's files in parallel (`ops.host_steps`): user, release (installed beside
    the others, not switched), directories, its own keys and the CA certificates, the
    environment file, the unit;
@@ -22,6 +25,7 @@ so a rerun after a kill resumes, and a rerun on a converged cluster changes and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +40,6 @@ from etcdforge.ops import preflight
 from etcdforge.ops.admin_state import (
     Deployment,
     build_record,
-    check_against_record,
     record_step,
     state_dir_steps,
 )
@@ -46,14 +49,21 @@ from etcdforge.ops.desired import Desired, desired, service_action
 from etcdforge.ops.health import HEALTH_TIMEOUT
 from etcdforge.ops.host_services import converge_services, upgrade_run
 from etcdforge.ops.host_steps import host_steps
+from etcdforge.ops.member_hosts import HostProvisioner, connect_leaving
+from etcdforge.ops.member_phase import MembershipResult, converge_membership
+from etcdforge.ops.membership import (
+    CAUTIOUS,
+    MemberOptions,
+    Membership,
+)
 from etcdforge.ops.plan import SILENT, PlanResult, Progress, execute, execute_async
 from etcdforge.ops.switch import HostSwitch
 from etcdforge.ops.target import Selection, spec_for_up
 from etcdforge.ops.upgrade_run import UpgradeOutcome
-from etcdforge.record import ClusterRecord, new_token
+from etcdforge.record import ClusterRecord, new_token, read_record, write_record
 from etcdforge.services.runtime import ActionKind, ServiceAction
 from etcdforge.services.systemd import SystemdRuntime, unit_name
-from etcdforge.spec import ClusterSpec, EtcdSpec, MemberSpec
+from etcdforge.spec import ClusterSpec, EtcdSpec, HostPathsSpec, MemberSpec
 from etcdforge.upgrade_path import UpgradePath
 
 
@@ -69,6 +79,7 @@ class HostResult:
 class Converged:
     admin: tuple[str, ...]  # done (apply) or pending (plan)
     hosts: tuple[HostResult, ...]
+    members: MembershipResult
     path: UpgradePath | None = None  # the version change, when the cluster already runs
     upgrade: UpgradeOutcome | None = None  # what the upgrade did, or would do (plan)
 
@@ -80,11 +91,12 @@ class ApplyResult(Deployment):
     hosts: tuple[HostResult, ...]
     upgrade: UpgradeOutcome | None = None
     advisories: tuple[str, ...] = ()  # what affects the running and the target versions
+    membership: tuple[str, ...] = ()  # membership changes done, or planned with why (plan)
 
     @property
     def changed_anything(self) -> bool:
         changed = bool(self.admin_changes) or any(h.changes or h.service for h in self.hosts)
-        return changed or self.upgrade is not None
+        return changed or self.upgrade is not None or bool(self.membership)
 
     @property
     def restarted(self) -> list[str]:
@@ -112,18 +124,19 @@ def apply(
     timeout: float = HEALTH_TIMEOUT,
     allow_even: bool = False,
     etcd: EtcdSpec | None = None,
+    options: MemberOptions = CAUTIOUS,
 ) -> ApplyResult:
     """`etcd` replaces the spec's etcd section: `upgrade --to` on hosts."""
     spec, layout, previous = load_host_spec(selection, allow_even)
     if etcd is not None:
         spec = spec.model_copy(update={"etcd": etcd})
-    check_against_record(spec, previous)
     assert selection.file is not None
     release = releases.resolve(spec.etcd, selection.file.parent)
     warning = check_version(
         release.version, dev_cluster=False, allow_unsafe=spec.etcd.allow_unsafe_version
     )
-    run = Apply(spec, layout, release, dry_run, progress, timeout)
+    options = dataclasses.replace(options, allow_even=allow_even)
+    run = Apply(spec, layout, release, dry_run, progress, timeout, previous, options)
     result = asyncio.run(run.converge(previous))
     versions = [*result.path.running.values()] if result.path else []
     return ApplyResult(
@@ -133,7 +146,8 @@ def apply(
         dry_run=dry_run,
         admin_changes=result.admin,
         hosts=result.hosts,
-        warnings=(warning,) if warning else (),
+        warnings=((warning,) if warning else ()) + result.members.warnings,
+        membership=result.members.steps,
         upgrade=result.upgrade,
         advisories=tuple(advisories.notes([*versions, release.version])),
     )
@@ -166,26 +180,35 @@ class Apply:
     dry_run: bool
     progress: Progress
     timeout: float
+    previous: ClusterRecord | None = None
+    options: MemberOptions = CAUTIOUS
 
     async def converge(self, previous: ClusterRecord | None) -> Converged:
         token = previous.token if previous is not None else None
         self.progress.phase("connect")
         hosts = await connect_all(self.spec)
+        leaving: dict[str, tuple[Host, HostPathsSpec]] = {}
         try:
             self.progress.phase("preflight")
             facts = await probe_all(self.spec, hosts, token)
             switch = HostSwitch(hosts, self.spec.host_paths, self.release.tag)
             path = await self.version_path(previous, switch)
+            members = MembershipResult()
+            if self.previous is not None:
+                leaving, notes = await self.connect_leaving()
+                for note in notes:
+                    self.progress.step("connect", note)
+                members = await self.membership(hosts, facts, leaving)
+                members = dataclasses.replace(members, warnings=(*notes, *members.warnings))
             record = self.record(token or new_token(self.spec.name))
             self.progress.phase("admin PKI")
             admin = self.admin_pki(record)
-            wants = {
-                m.name: desired(self.spec, self.layout, m, record.token) for m in self.spec.members
-            }
+            wants = {m.name: self.desired(m, record) for m in self.spec.members}
             self.progress.phase("files")
             changes = await self.files(hosts, facts, wants)
             runtime = SystemdRuntime(hosts, unit_name(self.spec.host_paths))
             actions = await self.service_actions(runtime, wants)
+            actions.update({name: None for name in members.joining})  # they join as learners
             upgrade = upgrade_run(
                 record, runtime, switch, path, self.tools, self.progress, self.timeout
             )
@@ -197,12 +220,13 @@ class Apply:
                     record, runtime, switch, actions, upgrade, self.progress, self.timeout
                 )
         finally:
-            await close_all(hosts)
+            await close_all({**hosts, **{n: h for n, (h, _) in leaving.items()}})
         results = tuple(
             HostResult(m.name, hosts[m.name].label, changes[m.name], actions[m.name])
             for m in self.spec.members
         )
-        return Converged(admin.pending if self.dry_run else admin.changed, results, path, outcome)
+        done = admin.pending if self.dry_run else admin.changed
+        return Converged(done, results, members, path, outcome)
 
     async def version_path(
         self, previous: ClusterRecord | None, switch: HostSwitch
@@ -221,11 +245,55 @@ class Apply:
         directory = releases.admin_tools(self.release)
         return snapshot.find_tools(EtcdBinary(directory / "etcd", self.release.version))
 
+    async def connect_leaving(self) -> tuple[dict[str, tuple[Host, HostPathsSpec]], list[str]]:
+        if self.dry_run or self.previous is None:
+            return {}, []
+        return await connect_leaving(self.spec, self.previous)
+
+    async def membership(
+        self,
+        hosts: dict[str, Host],
+        facts: dict[str, preflight.HostFacts],
+        leaving: dict[str, tuple[Host, HostPathsSpec]],
+    ) -> MembershipResult:
+        """Members joined and left, one at a time, before any other host changes."""
+        assert self.previous is not None
+        unit = unit_name(self.spec.host_paths)
+        runtime = SystemdRuntime({**{n: h for n, (h, _) in leaving.items()}, **hosts}, unit)
+        provisioner = HostProvisioner(
+            self.spec,
+            self.layout,
+            self.release,
+            self.previous.token,
+            hosts,
+            facts,
+            leaving,
+            self.progress,
+        )
+        changes = Membership(
+            self.previous,
+            self.spec,
+            runtime,
+            provisioner,
+            lambda r: write_record(self.layout, r),
+            self.progress,
+            self.timeout,
+        )
+        found = await converge_membership(
+            changes, self.layout, self.options, self.progress, self.dry_run
+        )
+        self.previous = read_record(self.layout.root) or self.previous
+        return found
+
+    def desired(self, member: MemberSpec, record: ClusterRecord) -> Desired:
+        state = record.member(member.name).initial_state
+        return desired(self.spec, self.layout, member, record.token, state)
+
     def record(self, token: str) -> ClusterRecord:
         """The record names each member's data dir on its host, not a path on this machine."""
         binary = EtcdBinary(Path(self.spec.host_paths.bin_dir) / "etcd", self.release.version)
         data_dir = Path(self.spec.host_paths.data_dir)
-        return build_record(self.spec, self.layout, binary, token, data_dir)
+        return build_record(self.spec, self.layout, binary, token, data_dir, self.previous)
 
     def admin_pki(self, record: ClusterRecord) -> PlanResult:
         steps = [

@@ -30,10 +30,21 @@ def host_member_files(paths: HostPathsSpec) -> render.MemberFiles:
     return render.MemberFiles(data_dir=Path(paths.data_dir), pki_dir=Path(paths.pki_dir))
 
 
-def desired(spec: ClusterSpec, layout: StateLayout, member: MemberSpec, token: str) -> Desired:
+def desired(
+    spec: ClusterSpec,
+    layout: StateLayout,
+    member: MemberSpec,
+    token: str,
+    initial_state: str = "new",
+    initial_cluster: str | None = None,
+) -> Desired:
+    """`initial_state`/`initial_cluster`: see `render.etcd_settings` (a member that joins)."""
     paths = spec.host_paths
     files = host_member_files(paths)
-    env_text = render.as_env_file(render.etcd_settings(spec, member, files, token))
+    settings = render.etcd_settings(
+        spec, member, files, token, initial_state, initial_cluster=initial_cluster
+    )
+    env_text = render.as_env_file(settings)
     local = layout.member(member.name)
     pki = [
         (PurePosixPath(files.trusted_ca), local.trusted_ca, False),

@@ -9,6 +9,7 @@ from etcdforge import advisories
 from etcdforge.binaries import Version, parse_version
 from etcdforge.client import EtcdClient, run
 from etcdforge.errors import BinaryError
+from etcdforge.ops.member_plan import catch_up
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
 
@@ -24,6 +25,8 @@ class MemberStatus:
     raft_term: int | None
     raft_index: int | None
     error: str | None
+    is_learner: bool = False
+    catch_up: float | None = None  # a learner's raft index as a fraction of the leader's
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,6 +36,7 @@ def query_status(record: ClusterRecord) -> list[MemberStatus]:
     async def gather() -> list[MemberStatus]:
         async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
             statuses = await client.statuses()
+        leader = next((s.raft_index for s in statuses if s.is_leader), None)
         return [
             MemberStatus(
                 name=record.name_of(s.endpoint),
@@ -44,6 +48,8 @@ def query_status(record: ClusterRecord) -> list[MemberStatus]:
                 raft_term=s.raft_term,
                 raft_index=s.raft_index,
                 error=s.error,
+                is_learner=s.is_learner,
+                catch_up=catch_up(s.raft_index, leader) if s.is_learner else None,
             )
             for s in statuses
         ]

@@ -20,10 +20,13 @@ from pathlib import PurePosixPath
 
 from etcdforge.errors import ServiceError
 from etcdforge.hosts import Host, last_line
+from etcdforge.render import BOOTSTRAP_ONLY, env_name
 from etcdforge.services.runtime import START, ActionKind, RunningMember, ServiceAction
 from etcdforge.spec import HostPathsSpec
 
 FINGERPRINT_VAR = "ETCDFORGE_UNIT"
+#: A running member needs no restart for these: etcd reads them only when it bootstraps or joins.
+BOOTSTRAP_ENV = frozenset(env_name(s) for s in BOOTSTRAP_ONLY)
 RESTART_TIMEOUT = 120.0
 SETTLE_POLL = 0.2
 
@@ -207,7 +210,9 @@ def service_action(
         return START
     reasons = []
     wanted = env_pairs(env_text)
-    changed = sorted(k for k, v in wanted.items() if running.settings.get(k) != v)
+    changed = sorted(
+        k for k, v in wanted.items() if running.settings.get(k) != v and k not in BOOTSTRAP_ENV
+    )
     stale = sorted(k for k in running.settings if k not in wanted)
     if changed or stale:
         reasons.append("settings " + ", ".join(changed + stale))
