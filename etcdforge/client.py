@@ -49,10 +49,25 @@ class EndpointStatus:
     healthy: bool = False
     errors: tuple[str, ...] = ()
     error: str | None = None
+    cluster_id: str | None = None
+    revision: int | None = None
+    db_size_in_use: int | None = None  # 3.4+: dbSize minus the free pages defrag would drop
+    db_size_quota: int | None = None  # 3.6+ reports its quota; older releases do not
+    raft_applied_index: int | None = None
 
     @property
     def is_leader(self) -> bool:
         return self.member_id is not None and self.member_id == self.leader
+
+
+@dataclass(frozen=True)
+class Alarm:
+    member_id: str
+    alarm: str  # NOSPACE, CORRUPT
+
+
+def _optional_int(value: object) -> int | None:
+    return int(str(value)) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -120,9 +135,17 @@ class EtcdClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def call(self, endpoint: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def call(
+        self,
+        endpoint: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """POST one request; `timeout` overrides the client's for slow calls (defragment)."""
+        wait: Any = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            response = await self._http.post(f"{endpoint}{path}", json=body or {})
+            response = await self._http.post(f"{endpoint}{path}", json=body or {}, timeout=wait)
         except httpx.HTTPError as exc:
             raise EtcdClientError(describe_error(endpoint, exc)) from None
         try:
@@ -186,10 +209,49 @@ class EtcdClient:
             healthy=healthy and not errors,
             errors=errors,
             error=health_error or ("; ".join(errors) if errors else None),
+            cluster_id=header.get("cluster_id"),
+            revision=int(header.get("revision", 0)),
+            db_size_in_use=_optional_int(payload.get("dbSizeInUse")),
+            db_size_quota=_optional_int(payload.get("dbSizeQuota")),
+            raft_applied_index=_optional_int(payload.get("raftAppliedIndex")),
         )
 
     async def statuses(self) -> list[EndpointStatus]:
         return list(await asyncio.gather(*(self.status(e) for e in self.endpoints)))
+
+    async def defragment(self, endpoint: str, timeout: float) -> None:
+        """Rewrite one member's database without its free pages; the member blocks meanwhile."""
+        await self.call(endpoint, "/v3/maintenance/defragment", timeout=timeout)
+
+    async def alarms(self) -> list[Alarm]:
+        """Every raised alarm of the cluster (a request through raft: it needs a quorum)."""
+        body = {"action": "GET"}
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/maintenance/alarm", body))
+        return [
+            Alarm(str(a.get("memberID", "0")), str(a.get("alarm", "NONE")))
+            for a in payload.get("alarms", [])
+        ]
+
+    async def disarm(self, alarm: Alarm) -> None:
+        body = {"action": "DEACTIVATE", "memberID": alarm.member_id, "alarm": alarm.alarm}
+        await self.first_ok(lambda e: self.call(e, "/v3/maintenance/alarm", body))
+
+    async def compact(self, revision: int, timeout: float) -> None:
+        """Drop history before `revision`; `physical`: return once it is removed from disk."""
+        body = {"revision": str(revision), "physical": True}
+        await self.first_ok(lambda e: self.call(e, "/v3/kv/compaction", body, timeout=timeout))
+
+    async def hash_kv(self, endpoint: str, revision: int, timeout: float) -> int | None:
+        """etcd's own hash of the keyspace's history up to `revision` on one member (3.5+);
+        None where the gateway has no /hashkv path (3.4 maps HashKV elsewhere)."""
+        body = {"revision": str(revision)}
+        try:
+            payload = await self.call(endpoint, "/v3/maintenance/hashkv", body, timeout=timeout)
+        except EtcdReplyError as exc:
+            if "Not Found" in str(exc) or str(exc).endswith(": 404"):
+                return None
+            raise
+        return int(payload.get("hash", 0))
 
     # --- cluster ----------------------------------------------------------------------------
 

@@ -152,9 +152,7 @@ class Apply:
             record = self.record(token or new_token(self.spec.name))
             self.progress.phase("admin PKI")
             admin = self.admin_pki(record)
-            wants = {
-                m.name: desired(self.spec, self.layout, m, record.token) for m in self.spec.members
-            }
+            wants = self.wants(record.token)
             self.progress.phase("files")
             changes = await self.files(hosts, facts, wants)
             runtime = SystemdRuntime(hosts, unit_name(self.spec.host_paths))
@@ -170,6 +168,13 @@ class Apply:
             for m in self.spec.members
         )
         return done, results
+
+    def wants(self, token: str) -> dict[str, Desired]:
+        """What every host should hold for the cluster with `token`."""
+        version = self.release.version
+        return {
+            m.name: desired(self.spec, self.layout, m, token, version) for m in self.spec.members
+        }
 
     def record(self, token: str) -> ClusterRecord:
         """The record names each member's data dir on its host, not a path on this machine."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from etcdforge import render
+from etcdforge.binaries import Version
 from etcdforge.layout import StateLayout
 from etcdforge.release import Release, version_dir
 from etcdforge.services import systemd
@@ -30,10 +31,18 @@ def host_member_files(paths: HostPathsSpec) -> render.MemberFiles:
     return render.MemberFiles(data_dir=Path(paths.data_dir), pki_dir=Path(paths.pki_dir))
 
 
-def desired(spec: ClusterSpec, layout: StateLayout, member: MemberSpec, token: str) -> Desired:
+def desired(
+    spec: ClusterSpec,
+    layout: StateLayout,
+    member: MemberSpec,
+    token: str,
+    version: Version | None = None,
+) -> Desired:
+    """`version`: the release the member runs (which corruption checks it supports)."""
     paths = spec.host_paths
     files = host_member_files(paths)
-    env_text = render.as_env_file(render.etcd_settings(spec, member, files, token))
+    settings = render.etcd_settings(spec, member, files, token, version=version)
+    env_text = render.as_env_file(settings)
     local = layout.member(member.name)
     pki = [
         (PurePosixPath(files.trusted_ca), local.trusted_ca, False),

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from etcdforge.client import EtcdClient, run
+from etcdforge.maintenance import alarms_in, configured_quota, fragmentation
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
 
@@ -21,12 +22,18 @@ class MemberStatus:
     raft_term: int | None
     raft_index: int | None
     error: str | None
+    db_in_use: int | None = None
+    fragmentation: float | None = None  # percent of db_size a defrag would give back
+    quota: int | None = None
+    alarms: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def query_status(record: ClusterRecord) -> list[MemberStatus]:
+    quota = configured_quota(record.spec)
+
     async def gather() -> list[MemberStatus]:
         async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
             statuses = await client.statuses()
@@ -41,11 +48,19 @@ def query_status(record: ClusterRecord) -> list[MemberStatus]:
                 raft_term=s.raft_term,
                 raft_index=s.raft_index,
                 error=s.error,
+                db_in_use=s.db_size_in_use,
+                fragmentation=_rounded(fragmentation(s.db_size, s.db_size_in_use)),
+                quota=s.db_size_quota or (quota if s.version else None),
+                alarms=alarms_in(s.errors),
             )
             for s in statuses
         ]
 
     return run(gather())
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
 
 
 def status(selection: Selection) -> tuple[ClusterRecord, list[MemberStatus]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from etcdforge import render
-from etcdforge.binaries import check_version, find_etcd, format_version
+from etcdforge.binaries import check_version, find_etcd, format_version, parse_version
 from etcdforge.errors import ServiceError, SpecError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write
 from etcdforge.layout import StateLayout
@@ -105,7 +105,12 @@ def up_steps(
     for member in spec.members:
         files = layout.member(member.name)
         settings = render.etcd_settings(
-            spec, member, files, record.token, peer_allowed_cn=allowed_cn
+            spec,
+            member,
+            files,
+            record.token,
+            peer_allowed_cn=allowed_cn,
+            version=parse_version(record.version),
         )
         title = f"create the data directory of {member.name}"
         files_steps.append(dir_step(title, files.data_dir))
