@@ -24,6 +24,7 @@ COMMANDS = {
     "certs": "etcdforge.cli.certs:certs_group",
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
     "backup": "etcdforge.cli.backup:backup_group",
+    "defrag": "etcdforge.cli.maintenance:defrag_cmd",
 }
 
 
