@@ -231,11 +231,14 @@ def restore(
     data_dir: Path,
     member: RestoredMember,
     bump_revision: int = 0,
+    skip_hash_check: bool = False,
 ) -> None:
     """Restore one member's data dir (which must not exist yet) from `snapshot`."""
     if data_dir.exists():
         raise SnapshotError(f"{data_dir}: already exists; a restore needs a fresh data dir")
-    argv = restore_argv(str(tools.restorer), snapshot, data_dir, member, bump_revision)
+    argv = restore_argv(
+        str(tools.restorer), snapshot, data_dir, member, bump_revision, skip_hash_check
+    )
     _run(argv, f"restore of {member.name}")
 
 
@@ -245,8 +248,13 @@ def restore_argv(
     data_dir: PurePath,
     member: RestoredMember,
     bump_revision: int = 0,
+    skip_hash_check: bool = False,
 ) -> list[str]:
-    """The restore command line, for this machine or a host (paths are the tool's side)."""
+    """The restore command line, for this machine or a host (paths are the tool's side).
+
+    `skip_hash_check`: the file is a member's `member/snap/db` copied from its data dir, which
+    has no integrity hash appended (a `snapshot save` file has one).
+    """
     argv = [
         restorer,
         "snapshot",
@@ -260,6 +268,8 @@ def restore_argv(
     ]
     if bump_revision:
         argv += [f"--bump-revision={bump_revision}", "--mark-compacted"]
+    if skip_hash_check:
+        argv.append("--skip-hash-check")
     return argv
 
 

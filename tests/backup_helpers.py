@@ -78,3 +78,27 @@ def put_big(cluster: LocalCluster, key: str, size: int, count: int = 1) -> None:
             client.post(
                 f"{endpoints(cluster)[0]}/v3/kv/put", json={"key": b64(key), "value": value}
             )
+
+
+def watch_from(cluster: LocalCluster, key: str, start: int) -> dict[str, object]:
+    """The first answer of a watch on `key` from revision `start` that is not its creation:
+    events, or the cancellation that says the revision was compacted."""
+    body = {"create_request": {"key": b64(key), "start_revision": str(start)}}
+    with (
+        http(cluster) as client,
+        client.stream("POST", f"{endpoints(cluster)[0]}/v3/watch", json=body) as stream,
+    ):
+        for index, line in enumerate(stream.iter_lines()):
+            result = dict(json.loads(line)["result"])
+            if result.get("canceled") or result.get("events") or index >= 5:
+                return result
+    return {}
+
+
+def pids(cluster: LocalCluster) -> dict[str, int]:
+    members = cluster.state_dir / "members"
+    return {p.name: int((p / "etcd.pid").read_text()) for p in sorted(members.iterdir())}
+
+
+def cluster_id(cluster: LocalCluster) -> str:
+    return str(call(cluster, "/v3/maintenance/status", {})["header"]["cluster_id"])

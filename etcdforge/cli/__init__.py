@@ -25,6 +25,8 @@ COMMANDS = {
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
     "backup": "etcdforge.cli.backup:backup_group",
     "defrag": "etcdforge.cli.maintenance:defrag_cmd",
+    "restore": "etcdforge.cli.restore:restore_cmd",
+    "recover": "etcdforge.cli.restore:recover_cmd",
 }
 
 
