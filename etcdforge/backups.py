@@ -21,7 +21,10 @@ so a snapshot of another cluster that happens to share the name is still recogni
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,6 +34,7 @@ from typing import Any
 from etcdforge import snapshot
 from etcdforge.errors import EtcdforgeError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, file_sha256
+from etcdforge.tls import TLSFiles
 
 FORMAT = 1
 SNAPSHOT_SUFFIX = ".db"
@@ -38,6 +42,8 @@ META_SUFFIX = ".json"
 SHA_SUFFIX = ".sha256"
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 LINEAGE_FILE = "cluster-ids"
+TAIL_POLL = 0.005
+TAIL_BLOCK = 1 << 20
 
 
 class BackupError(EtcdforgeError):
@@ -147,6 +153,50 @@ def list_local(directory: Path, cluster: str | None = None) -> list[BackupMeta]:
         if cluster is None or meta.cluster == cluster:
             found.append(meta)
     return sorted(found, key=lambda m: (m.time, m.revision))
+
+
+def save_hashed(tools: snapshot.SnapshotTools, endpoint: str, tls: TLSFiles, staged: Path) -> str:
+    """`snapshot.save` into `staged`, hashing the file as etcdctl writes it, so verifying
+    afterwards costs only `snapshot status`; returns the sha256 of the saved file."""
+    finished = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tail = pool.submit(_tail_sha256, snapshot.streaming_path(staged), finished)
+        try:
+            snapshot.save(tools, endpoint, tls, staged)
+        finally:
+            finished.set()
+        digest, hashed = tail.result()
+    if hashed != staged.stat().st_size:  # renamed before the tail could open it: hash it whole
+        return file_sha256(staged)
+    return digest
+
+
+def _tail_sha256(path: Path, finished: threading.Event) -> tuple[str, int]:
+    """sha256 and length of a file another process appends to, until `finished` is set."""
+    digest = hashlib.sha256()
+    handle = None
+    while handle is None and not finished.is_set():
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 -- kept open across the renames
+        except FileNotFoundError:
+            time.sleep(TAIL_POLL)
+    if handle is None:
+        return "", -1
+    hashed = 0
+    with handle:
+        while True:
+            block = handle.read(TAIL_BLOCK)
+            if block:
+                digest.update(block)
+                hashed += len(block)
+            elif finished.is_set():
+                rest = handle.read()  # written between the last read and the end
+                if not rest:
+                    return digest.hexdigest(), hashed
+                digest.update(rest)
+                hashed += len(rest)
+            else:
+                time.sleep(TAIL_POLL)
 
 
 def hash_and_status(tools: snapshot.SnapshotTools, path: Path) -> tuple[str, snapshot.SnapshotInfo]:

@@ -172,6 +172,12 @@ def features_from_help(text: str) -> RestoreFeatures:
     return RestoreFeatures("--bump-revision" in text, "--mark-compacted" in text)
 
 
+def streaming_path(dest: Path) -> Path:
+    """Where the bytes of a `save` into `dest` arrive while they stream: `save`'s `.part`, in
+    which etcdctl writes its own `.part` first (renamed twice once complete, the same file)."""
+    return dest.with_name(dest.name + ".part.part")
+
+
 def save(tools: SnapshotTools, endpoint: str, tls: TLSFiles, dest: Path) -> Path:
     """Stream one member's database to `dest` (0600); a partial file never takes its name."""
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,8 @@ The phases, in order:
    spared the extra I/O; a one-member cluster snapshots its only member);
 2. **preflight**: room for the database at the destination, before anything is written;
 3. **snapshot**: `etcdctl snapshot save` of the cluster's own release, into a staging file that
-   is then fsync-ed;
-4. **verify**: etcd's `snapshot status` (etcdutl; etcdctl on 3.4) and a sha256, computed
-   together while the file is still in the page cache;
+   is then fsync-ed; its sha256 is computed as the bytes arrive;
+4. **verify**: etcd's `snapshot status` (etcdutl; etcdctl on 3.4) of the whole file;
 5. **store**: the sha256 sidecar and the metadata, then the snapshot renamed in (uploaded, for an
    ssh:// destination), 0600;
 6. **retention**: the spec's `backup` rules applied to this cluster's backups at the destination.
@@ -168,12 +167,12 @@ def backup(
         progress.phase("snapshot")
         progress.step(name, f"etcdctl snapshot save into {staged.parent}")
         taken = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        snapshot.save(tools, source.endpoint, record.admin_tls, staged)
+        digest = backups.save_hashed(tools, source.endpoint, record.admin_tls, staged)
         sync_file(staged)
         progress.phase("verify")
-        progress.step("admin", "snapshot status and sha256")
+        progress.step("admin", "snapshot status")
         try:
-            digest, info = backups.hash_and_status(tools, staged)
+            info = snapshot.status(tools, staged)
         except snapshot.SnapshotError as exc:
             staged.unlink(missing_ok=True)
             raise BackupError(f"the snapshot of {name} does not verify ({exc}); retry") from None

@@ -141,6 +141,7 @@ def restore_cluster(
 ) -> Restored:
     """Check the backup, then rebuild every member from it; a rerun resumes a killed restore."""
     record = record_for(selection)
+    rebuild.require_spec_file(selection, record)
     work = rebuild.Work(record)
     source = str(file.absolute())
     warnings: list[str] = []

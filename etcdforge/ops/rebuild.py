@@ -38,7 +38,7 @@ from pathlib import Path
 from etcdforge import backups
 from etcdforge import release as releases
 from etcdforge.client import EtcdClient, run
-from etcdforge.errors import EtcdforgeError
+from etcdforge.errors import EtcdforgeError, SpecError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir
 from etcdforge.host_logins import close_all, connect_all
 from etcdforge.hosts import Host, fan_out
@@ -129,6 +129,15 @@ def in_progress(work: Work, kind: str, source: str) -> RebuildState | None:
             f"command to finish it (the cluster is down until it does)"
         )
     return state
+
+
+def require_spec_file(selection: Selection, record: ClusterRecord) -> None:
+    """Hosts are rebuilt with `apply`'s machinery, which needs the cluster YAML."""
+    if selection.file is None and deployed_spec(record).on_hosts:
+        raise SpecError(
+            f"cluster {record.name} runs on hosts: pass its spec with -f cluster.yaml, as for "
+            "`apply` (nothing was changed)"
+        )
 
 
 def rebuilt_record(record: ClusterRecord, state: RebuildState) -> ClusterRecord:
@@ -255,6 +264,7 @@ def rebuild(
     selection: Selection, record: ClusterRecord, state: RebuildState, progress: Progress
 ) -> RebuildResult:
     """Restore, start, verify, finish; see the module docstring."""
+    require_spec_file(selection, record)
     on_hosts = deployed_spec(record).on_hosts
     (_restore_hosts if on_hosts else _restore_local)(selection, record, state, progress)
     new = rebuilt_record(record, state)

@@ -238,6 +238,7 @@ def recover(
 ) -> Restored:
     """Refuse unless quorum is lost; then rebuild every member from the chosen database."""
     record = record_for(selection)
+    rebuild.require_spec_file(selection, record)
     work = rebuild.Work(record)
     key = (
         f"member {from_member}'s database"
