@@ -199,12 +199,25 @@ def _tail_sha256(path: Path, finished: threading.Event) -> tuple[str, int]:
                 time.sleep(TAIL_POLL)
 
 
-def hash_and_status(tools: snapshot.SnapshotTools, path: Path) -> tuple[str, snapshot.SnapshotInfo]:
-    """sha256 and `snapshot status` of one file at once: both read it whole, from the cache."""
+def hash_and_status(
+    tools: snapshot.SnapshotTools, path: Path
+) -> tuple[str, snapshot.SnapshotInfo | snapshot.SnapshotError]:
+    """sha256 and `snapshot status` of one file at once (both read it whole, from the cache);
+    a file etcd cannot read gives its error in place of the status, so the caller can judge
+    the sha256 first."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        status = pool.submit(snapshot.status, tools, path)
+        status = pool.submit(_status_or_error, tools, path)
         digest = file_sha256(path)
         return digest, status.result()
+
+
+def _status_or_error(
+    tools: snapshot.SnapshotTools, path: Path
+) -> snapshot.SnapshotInfo | snapshot.SnapshotError:
+    try:
+        return snapshot.status(tools, path)
+    except snapshot.SnapshotError as exc:
+        return exc
 
 
 def verify_local(tools: snapshot.SnapshotTools, snapshot_file: Path) -> BackupMeta:
@@ -225,25 +238,20 @@ def verify_local(tools: snapshot.SnapshotTools, snapshot_file: Path) -> BackupMe
         raise BackupError(
             f"{where}: no {SHA_SUFFIX} sidecar; the backup cannot be trusted"
         ) from None
-    digest, info = _checked(tools, snapshot_file)
+    digest, info = hash_and_status(tools, snapshot_file)
     if digest != recorded or digest != meta.sha256:
         raise BackupError(
             f"{where}: sha256 {digest[:16]}… does not match its sidecar ({recorded[:16]}…): "
             "the file is corrupt; use another backup"
         )
+    if isinstance(info, snapshot.SnapshotError):
+        raise BackupError(f"{where}: etcd cannot read it ({info}); use another backup")
     if info.revision != meta.revision:
         raise BackupError(
             f"{where}: etcd reads revision {info.revision} but the metadata says "
             f"{meta.revision}; use another backup"
         )
     return meta
-
-
-def _checked(tools: snapshot.SnapshotTools, path: Path) -> tuple[str, snapshot.SnapshotInfo]:
-    try:
-        return hash_and_status(tools, path)
-    except snapshot.SnapshotError as exc:
-        raise BackupError(f"{path}: etcd cannot read it ({exc}); use another backup") from None
 
 
 def write_sidecars(directory: Path, meta: BackupMeta) -> None:

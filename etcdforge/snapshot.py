@@ -113,6 +113,9 @@ def last_error(output: str) -> str:
     for line in reversed(lines):
         if line.startswith("Error:"):
             return line.removeprefix("Error:").strip()
+    for line in lines:  # a Go panic: its first line says why, the stack trace after it does not
+        if line.startswith("panic:"):
+            return line
     for line in reversed(lines):
         with contextlib.suppress(ValueError):
             entry = json.loads(line)

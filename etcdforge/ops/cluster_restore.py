@@ -23,8 +23,6 @@ from pathlib import Path
 from etcdforge import backups, snapshot
 from etcdforge.backups import BackupError, BackupMeta
 from etcdforge.binaries import format_version, parse_version
-from etcdforge.client import EtcdClient, run
-from etcdforge.errors import EtcdClientError
 from etcdforge.fsutil import file_sha256
 from etcdforge.ops import rebuild
 from etcdforge.ops.backup import snapshot_tools
@@ -41,20 +39,6 @@ class Restored:
     state: rebuild.RebuildState
     result: rebuild.RebuildResult | None
     warnings: tuple[str, ...]
-
-
-async def _live_cluster_id(record: ClusterRecord) -> str:
-    async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
-        statuses = await client.statuses()
-    return next((s.cluster_id for s in statuses if s.cluster_id), "")
-
-
-def live_cluster_id(record: ClusterRecord) -> str:
-    """The running cluster's ID, or "" when no member answers."""
-    try:
-        return run(_live_cluster_id(record))
-    except EtcdClientError:
-        return ""
 
 
 def check_identity(record: ClusterRecord, meta: BackupMeta, live_id: str, where: str) -> None:
@@ -100,13 +84,12 @@ def read_source(
         meta = None
     if meta is not None:
         backups.verify_local(tools, file)
-        info = snapshot.SnapshotInfo(0, meta.revision, meta.total_keys, meta.size)
-        return meta, info, meta.sha256
-    try:
-        digest, info = backups.hash_and_status(tools, file)
-    except snapshot.SnapshotError as exc:
-        raise BackupError(f"{where}: etcd cannot read it ({exc}); nothing was changed") from None
-    return None, info, digest
+        recorded = snapshot.SnapshotInfo(0, meta.revision, meta.total_keys, meta.size)
+        return meta, recorded, meta.sha256
+    digest, found = backups.hash_and_status(tools, file)
+    if isinstance(found, snapshot.SnapshotError):
+        raise BackupError(f"{where}: etcd cannot read it ({found}); nothing was changed")
+    return None, found, digest
 
 
 def bump_for(tools: snapshot.SnapshotTools, bump: bool, warnings: list[str]) -> int:
@@ -170,7 +153,7 @@ def _decide(
 ) -> rebuild.RebuildState:
     tools = snapshot_tools(selection, record)
     meta, info, digest = read_source(tools, file, other_cluster)
-    live_id = live_cluster_id(record)
+    live_id = rebuild.live_cluster_id(record)
     if meta is not None:
         check_release(record, meta.etcd_version, str(file))
         if not other_cluster:

@@ -38,7 +38,7 @@ from pathlib import Path
 from etcdforge import backups
 from etcdforge import release as releases
 from etcdforge.client import EtcdClient, run
-from etcdforge.errors import EtcdforgeError, SpecError
+from etcdforge.errors import EtcdClientError, EtcdforgeError, SpecError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, ensure_dir
 from etcdforge.host_logins import close_all, connect_all
 from etcdforge.hosts import Host, fan_out
@@ -314,7 +314,7 @@ def _same(what: str, record: ClusterRecord, values: Sequence[object]) -> None:
 def finish(selection: Selection, record: ClusterRecord, state: RebuildState) -> None:
     """Verified: drop the old data and markers, remember both cluster IDs, close the work dir."""
     work = Work(record)
-    cluster_id = run(_cluster_id(record))
+    cluster_id = live_cluster_id(record)
     with _target(selection, record, work) as target:
         target.finish()
     backups.remember_cluster_ids(record.layout.root, [state.old_cluster_id, cluster_id])
@@ -330,7 +330,15 @@ def _target(selection: Selection, record: ClusterRecord, work: Work) -> Iterator
         yield restore.LocalTarget(selection, record, work.root)
 
 
-async def _cluster_id(record: ClusterRecord) -> str:
-    async with EtcdClient(record.endpoints, record.admin_tls, timeout=5.0) as client:
+async def _live_cluster_id(record: ClusterRecord) -> str:
+    async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
         statuses = await client.statuses()
     return next((s.cluster_id for s in statuses if s.cluster_id), "")
+
+
+def live_cluster_id(record: ClusterRecord) -> str:
+    """The running cluster's ID (any member that answers tells it), or "" when none does."""
+    try:
+        return run(_live_cluster_id(record))
+    except EtcdClientError:
+        return ""

@@ -46,7 +46,6 @@ from etcdforge.ops.cluster_restore import (
     check_identity,
     check_release,
     check_space,
-    live_cluster_id,
     read_source,
 )
 from etcdforge.ops.plan import SILENT, Progress
@@ -267,7 +266,7 @@ def _decide(
     progress: Progress,
 ) -> rebuild.RebuildState:
     tools = snapshot_tools(selection, record)
-    old_cluster_id = live_cluster_id(record)  # before the source member is stopped
+    old_cluster_id = rebuild.live_cluster_id(record)  # before the source member is stopped
     if from_member is not None:
         record.member(from_member)
         path, revision = _from_member(selection, record, from_member, work, progress)
