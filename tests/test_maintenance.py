@@ -118,3 +118,10 @@ def test_a_full_quota_is_recovered_with_recover_nospace(cluster_factory: Cluster
     assert put.status_code == 200, put.text
     again = full.cli("defrag", "--recover-nospace")
     assert again.code == 0 and "no NOSPACE alarm is raised; nothing to do" in again.stdout
+
+
+def test_a_lone_member_is_defragmented_without_a_hand_off(cluster_factory: ClusterFactory) -> None:
+    lone = cluster_factory("lone", count=1, version="3.5.30")
+    result = lone.cli("defrag", "--all")
+    assert result.code == 0, result.stderr
+    assert "defragmented m1" in result.stdout and "handed" not in result.stderr

@@ -70,7 +70,8 @@ async def restart_one(
     await require_healthy(record, runtime, f"{verb}ing {name}", timeout)
     moved = False
     with contextlib.suppress(EtcdClientError):  # no hand-off possible: an election follows
-        moved = await hand_off_leadership(record, name)
+        if len(record.members) > 1:  # a lone member has nobody to hand leadership to
+            moved = await hand_off_leadership(record, name)
     why = [reason] if reason else []
     why += ["leadership handed to a caught-up follower first"] if moved else []
     progress.step(
