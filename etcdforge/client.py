@@ -52,8 +52,11 @@ class EndpointStatus:
     healthy: bool = False
     errors: tuple[str, ...] = ()
     error: str | None = None
-    db_size_in_use: int | None = None  # bytes of the db file holding live data (3.4+)
+    db_size_in_use: int | None = None  # 3.4+: dbSize minus the free pages defrag would drop
     revision: int | None = None  # the member's current store revision (response header)
+    cluster_id: str | None = None
+    db_size_quota: int | None = None  # 3.6+ reports its quota; older releases do not
+    raft_applied_index: int | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -73,6 +76,10 @@ class HashKV:
     hash: int
     compact_revision: int
     revision: int
+
+
+def _optional_int(value: object) -> int | None:
+    return int(str(value)) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -140,9 +147,17 @@ class EtcdClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def call(self, endpoint: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def call(
+        self,
+        endpoint: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """POST one request; `timeout` overrides the client's for slow calls (defragment)."""
+        wait: Any = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            response = await self._http.post(f"{endpoint}{path}", json=body or {})
+            response = await self._http.post(f"{endpoint}{path}", json=body or {}, timeout=wait)
         except httpx.HTTPError as exc:
             raise EtcdClientError(describe_error(endpoint, exc)) from None
         try:
@@ -206,8 +221,11 @@ class EtcdClient:
             healthy=healthy and not errors,
             errors=errors,
             error=health_error or ("; ".join(errors) if errors else None),
-            db_size_in_use=int(payload["dbSizeInUse"]) if "dbSizeInUse" in payload else None,
+            cluster_id=header.get("cluster_id"),
             revision=int(header.get("revision", 0)),
+            db_size_in_use=_optional_int(payload.get("dbSizeInUse")),
+            db_size_quota=_optional_int(payload.get("dbSizeQuota")),
+            raft_applied_index=_optional_int(payload.get("raftAppliedIndex")),
         )
 
     async def statuses(self) -> list[EndpointStatus]:
@@ -222,14 +240,19 @@ class EtcdClient:
             for a in payload.get("alarms", [])
         ]
 
-    async def hash_kv(self, endpoint: str, revision: int) -> HashKV:
-        """One member's hash of its MVCC keys up to `revision`.
-
-        The gateway serves HashKV at /v3/maintenance/hashkv from etcd 3.5.10 on (etcd #16490);
-        before that the path did not exist (measured: 3.4.23 and 3.5.1 answer 404).
-        """
+    async def hash_kv(
+        self, endpoint: str, revision: int, timeout: float | None = None
+    ) -> HashKV | None:
+        """One member's hash of its MVCC keys up to `revision`; None where the gateway has no
+        HashKV path: it serves /v3/maintenance/hashkv from etcd 3.5.10 on (etcd #16490; measured:
+        3.4.23 and 3.5.1 answer 404)."""
         body = {"revision": str(revision)}
-        payload = await self.call(endpoint, "/v3/maintenance/hashkv", body)
+        try:
+            payload = await self.call(endpoint, "/v3/maintenance/hashkv", body, timeout=timeout)
+        except EtcdReplyError as exc:
+            if "Not Found" in str(exc) or str(exc).endswith(": 404"):
+                return None
+            raise
         return HashKV(
             hash=int(payload.get("hash", 0)),
             compact_revision=int(payload.get("compact_revision", 0)),
@@ -265,6 +288,19 @@ class EtcdClient:
         except EtcdReplyError as exc:
             return exc.code != GRPC_FAILED_PRECONDITION
         return True
+
+    async def defragment(self, endpoint: str, timeout: float) -> None:
+        """Rewrite one member's database without its free pages; the member blocks meanwhile."""
+        await self.call(endpoint, "/v3/maintenance/defragment", timeout=timeout)
+
+    async def disarm(self, alarm: Alarm) -> None:
+        body = {"action": "DEACTIVATE", "memberID": alarm.member_id, "alarm": alarm.alarm}
+        await self.first_ok(lambda e: self.call(e, "/v3/maintenance/alarm", body))
+
+    async def compact(self, revision: int, timeout: float) -> None:
+        """Drop history before `revision`; `physical`: return once it is removed from disk."""
+        body = {"revision": str(revision), "physical": True}
+        await self.first_ok(lambda e: self.call(e, "/v3/kv/compaction", body, timeout=timeout))
 
     # --- cluster ----------------------------------------------------------------------------
 

@@ -113,6 +113,9 @@ def last_error(output: str) -> str:
     for line in reversed(lines):
         if line.startswith("Error:"):
             return line.removeprefix("Error:").strip()
+    for line in lines:  # a Go panic: its first line says why, the stack trace after it does not
+        if line.startswith("panic:"):
+            return line
     for line in reversed(lines):
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
@@ -170,6 +173,12 @@ def restore_features(tools: SnapshotTools) -> RestoreFeatures:
 def features_from_help(text: str) -> RestoreFeatures:
     """What a `snapshot restore --help` output offers; shared by local and remote tools."""
     return RestoreFeatures("--bump-revision" in text, "--mark-compacted" in text)
+
+
+def streaming_path(dest: Path) -> Path:
+    """Where the bytes of a `save` into `dest` arrive while they stream: `save`'s `.part`, in
+    which etcdctl writes its own `.part` first (renamed twice once complete, the same file)."""
+    return dest.with_name(dest.name + ".part.part")
 
 
 def save(tools: SnapshotTools, endpoint: str, tls: TLSFiles, dest: Path) -> Path:
@@ -275,11 +284,14 @@ def restore(
     data_dir: Path,
     member: RestoredMember,
     bump_revision: int = 0,
+    skip_hash_check: bool = False,
 ) -> None:
     """Restore one member's data dir (which must not exist yet) from `snapshot`."""
     if data_dir.exists():
         raise SnapshotError(f"{data_dir}: already exists; a restore needs a fresh data dir")
-    argv = restore_argv(str(tools.restorer), snapshot, data_dir, member, bump_revision)
+    argv = restore_argv(
+        str(tools.restorer), snapshot, data_dir, member, bump_revision, skip_hash_check
+    )
     _run(argv, f"restore of {member.name}")
 
 
@@ -289,8 +301,13 @@ def restore_argv(
     data_dir: PurePath,
     member: RestoredMember,
     bump_revision: int = 0,
+    skip_hash_check: bool = False,
 ) -> list[str]:
-    """The restore command line, for this machine or a host (paths are the tool's side)."""
+    """The restore command line, for this machine or a host (paths are the tool's side).
+
+    `skip_hash_check`: the file is a member's `member/snap/db` copied from its data dir, which
+    has no integrity hash appended (a `snapshot save` file has one).
+    """
     argv = [
         restorer,
         "snapshot",
@@ -304,6 +321,8 @@ def restore_argv(
     ]
     if bump_revision:
         argv += [f"--bump-revision={bump_revision}", "--mark-compacted"]
+    if skip_hash_check:
+        argv.append("--skip-hash-check")
     return argv
 
 

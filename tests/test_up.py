@@ -36,6 +36,10 @@ def test_up_gives_three_healthy_members(cluster: LocalCluster) -> None:
         "raft_term",
         "raft_index",
         "error",
+        "db_in_use",
+        "fragmentation",
+        "quota",
+        "alarms",
     }
 
 

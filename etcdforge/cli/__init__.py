@@ -26,6 +26,10 @@ COMMANDS = {
     "certs": "etcdforge.cli.certs:certs_group",
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
     "check": "etcdforge.cli.check:check_cmd",
+    "backup": "etcdforge.cli.backup:backup_group",
+    "defrag": "etcdforge.cli.maintenance:defrag_cmd",
+    "restore": "etcdforge.cli.restore:restore_cmd",
+    "recover": "etcdforge.cli.restore:recover_cmd",
 }
 
 

@@ -97,7 +97,10 @@ def down_cmd(selection: Selection, purge: bool, wait_lock: float) -> None:
     "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
 def status_cmd(selection: Selection, output: str) -> None:
-    """Member, endpoint, version, leader, raft term/index, db size, health. Exit 1 if unhealthy."""
+    """Members: version, leader, raft, db size/in use/fragmentation/quota, alarms, health.
+
+    Exit 1 if any member is unhealthy (a raised alarm makes a member unhealthy).
+    """
     from etcdforge.ops.status import status, version_advisories
 
     record, rows = status(selection)
@@ -115,15 +118,15 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from etcdforge.maintenance import human_size
+
     table = Table(title=f"cluster {cluster}", title_justify="left")
-    for column in ("member", "endpoint", "version", "leader", "term", "index", "db size", "health"):
-        table.add_column(
-            column,
-            justify="right" if column in ("term", "index", "db size") else "left",
-            no_wrap=True,
-        )
+    numbers = ("term", "index", "db size", "in use", "frag", "quota")
+    for column in ("member", "endpoint", "version", "leader", *numbers, "alarms", "health"):
+        table.add_column(column, justify="right" if column in numbers else "left", no_wrap=True)
     for row in rows:
         health = "[green]healthy[/]" if row.healthy else f"[red]{row.error or 'unhealthy'}[/]"
+        frag = f"{row.fragmentation:.0f}%" if row.fragmentation is not None else "-"
         table.add_row(
             row.name,
             row.endpoint,
@@ -131,7 +134,11 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
             _role(row),
             str(row.raft_term) if row.raft_term is not None else "-",
             str(row.raft_index) if row.raft_index is not None else "-",
-            _human_size(row.db_size),
+            human_size(row.db_size),
+            human_size(row.db_in_use),
+            frag,
+            human_size(row.quota),
+            f"[red]{', '.join(row.alarms)}[/]" if row.alarms else "-",
             health,
         )
     # A pipe has no width; never truncate an endpoint or an error to fit 80 columns.
@@ -144,17 +151,6 @@ def _role(row: MemberStatus) -> str:
     if row.is_learner:
         return "learner" + (f" {row.catch_up:.0%}" if row.catch_up is not None else "")
     return "*" if row.is_leader else ""
-
-
-def _human_size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 @click.command("env")

@@ -286,8 +286,19 @@ class Apply:
         return found
 
     def desired(self, member: MemberSpec, record: ClusterRecord) -> Desired:
+        """What the member's host should hold; `version` picks the corruption checks."""
         state = record.member(member.name).initial_state
-        return desired(self.spec, self.layout, member, record.token, state)
+        version = self.release.version
+        return desired(self.spec, self.layout, member, record.token, state, version=version)
+
+    def wants(self, token: str) -> dict[str, Desired]:
+        """What every host holds for a cluster with `token` whose members all start as one new
+        cluster (a restore rebuilds every member)."""
+        version = self.release.version
+        return {
+            m.name: desired(self.spec, self.layout, m, token, version=version)
+            for m in self.spec.members
+        }
 
     def record(self, token: str) -> ClusterRecord:
         """The record names each member's data dir on its host, not a path on this machine."""

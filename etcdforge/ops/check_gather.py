@@ -182,7 +182,9 @@ async def _hashes(
     async def one(name: str, status: EndpointStatus) -> HashKV:
         version = parse_version(status.version) if status.version else (0, 0, 0)
         if version >= HASHKV_GATEWAY_SINCE:
-            return await client.hash_kv(status.endpoint, revision)
+            found = await client.hash_kv(status.endpoint, revision)
+            if found is not None:
+                return found
         if etcdctl is None:
             raise EtcdforgeError(
                 f"etcd {status.version} serves no HashKV on its JSON gateway (3.5.10+) and no "

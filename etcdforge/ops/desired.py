@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from etcdforge import render
+from etcdforge.binaries import Version
 from etcdforge.layout import StateLayout
 from etcdforge.release import Release, version_dir
 from etcdforge.services import systemd
@@ -37,12 +38,20 @@ def desired(
     token: str,
     initial_state: str = "new",
     initial_cluster: str | None = None,
+    version: Version | None = None,
 ) -> Desired:
-    """`initial_state`/`initial_cluster`: see `render.etcd_settings` (a member that joins)."""
+    """`initial_state`/`initial_cluster`: see `render.etcd_settings` (a member that joins);
+    `version`: the release the member runs (which corruption checks it supports)."""
     paths = spec.host_paths
     files = host_member_files(paths)
     settings = render.etcd_settings(
-        spec, member, files, token, initial_state, initial_cluster=initial_cluster
+        spec,
+        member,
+        files,
+        token,
+        initial_state,
+        initial_cluster=initial_cluster,
+        version=version,
     )
     env_text = render.as_env_file(settings)
     local = layout.member(member.name)

@@ -9,6 +9,7 @@ from etcdforge import advisories
 from etcdforge.binaries import Version, parse_version
 from etcdforge.client import EtcdClient, run
 from etcdforge.errors import BinaryError
+from etcdforge.maintenance import alarms_in, configured_quota, fragmentation
 from etcdforge.ops.member_plan import catch_up
 from etcdforge.ops.target import Selection, record_for
 from etcdforge.record import ClusterRecord
@@ -27,12 +28,18 @@ class MemberStatus:
     error: str | None
     is_learner: bool = False
     catch_up: float | None = None  # a learner's raft index as a fraction of the leader's
+    db_in_use: int | None = None
+    fragmentation: float | None = None  # percent of db_size a defrag would give back
+    quota: int | None = None
+    alarms: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def query_status(record: ClusterRecord) -> list[MemberStatus]:
+    quota = configured_quota(record.spec)
+
     async def gather() -> list[MemberStatus]:
         async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
             statuses = await client.statuses()
@@ -50,11 +57,19 @@ def query_status(record: ClusterRecord) -> list[MemberStatus]:
                 error=s.error,
                 is_learner=s.is_learner,
                 catch_up=catch_up(s.raft_index, leader) if s.is_learner else None,
+                db_in_use=s.db_size_in_use,
+                fragmentation=_rounded(fragmentation(s.db_size, s.db_size_in_use)),
+                quota=s.db_size_quota or (quota if s.version else None),
+                alarms=alarms_in(s.errors),
             )
             for s in statuses
         ]
 
     return run(gather())
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
 
 
 def status(selection: Selection) -> tuple[ClusterRecord, list[MemberStatus]]:

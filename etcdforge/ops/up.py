@@ -118,7 +118,13 @@ def up_steps(
         files = layout.member(member.name)
         state = record.member(member.name).initial_state
         settings = render.etcd_settings(
-            spec, member, files, record.token, state, peer_allowed_cn=allowed_cn
+            spec,
+            member,
+            files,
+            record.token,
+            state,
+            peer_allowed_cn=allowed_cn,
+            version=parse_version(record.version),
         )
         title = f"create the data directory of {member.name}"
         files_steps.append(dir_step(title, files.data_dir))
