@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -42,8 +43,13 @@ def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> bool:
 
 
 def write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """A synced temp file beside `path` with its final mode, ready to be renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """A synced temp file beside `path` with its final mode, ready to be renamed over it.
+
+    Its name carries our PID (`.NAME.PID.XXXXXXXX`): a command killed between creating it and the
+    rename leaves it behind, and the next write of the same file removes it once that PID is gone.
+    """
+    drop_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
@@ -54,6 +60,25 @@ def write_temp(path: Path, data: bytes, mode: int) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+def drop_stale_temps(path: Path) -> None:
+    """Remove the temp files of `path` that a killed writer left (see `write_temp`)."""
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name.removeprefix(prefix).partition(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def remove_tree(path: Path) -> None:

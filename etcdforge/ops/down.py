@@ -8,6 +8,7 @@ from pathlib import Path
 
 from etcdforge.errors import StateError
 from etcdforge.fsutil import remove_tree
+from etcdforge.interrupt import before_step
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.target import Selection, record_for
@@ -33,6 +34,7 @@ def down(selection: Selection, purge: bool = False, progress: Progress = SILENT)
     stopped = []
     for member in record.members:
         if runtime.pid(member.name) is not None:
+            before_step("stop etcd", member.name)
             progress.step(member.name, "stop etcd")
             asyncio.run(runtime.stop(member.name))
             stopped.append(member.name)
