@@ -8,6 +8,7 @@ The module's cluster is taken apart at the end: the hosts are shared with other 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.fleet import Host
 from tests.helpers import require_tarball, run_cli
 from tests.kill_inside import Inside
 from tests.killsweep import Sweep, SweepReport, sweep
+from tests.killsweep_run import Send, signal_at
 from tests.killsweep_targets import HostsTarget
 from tests.load import WriteLoad
 
@@ -113,6 +115,22 @@ def test_certs_rotate_ca(deployed: Deployed) -> None:
     args = ["certs", "rotate-ca", *deployed.args]
     with _load(deployed, "rotate") as load:
         _passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
+
+
+def test_sigterm_stops_apply_between_host_steps(deployed: Deployed) -> None:
+    """Hosts work in parallel: each finishes the step it is in, none starts another."""
+    deployed.cli("reset")
+    term = Send(signal.SIGTERM)
+    stopped = signal_at(
+        ["apply", *deployed.args], lambda line: "write /etc/etcd/pki/ca.crt" in line, term,
+        env=deployed.env,
+    )  # fmt: skip
+    assert stopped.code == 143, stopped.stderr
+    line = next(x for x in stopped.stderr.splitlines() if x.startswith("stopped by SIGTERM"))
+    assert "(the steps before it are complete); rerun the same command to continue" in line
+    assert deployed.target().leftovers() == []  # no upload left half-done on any host
+    deployed.cli("apply")
+    assert deployed.target().unhealthy() == []
 
 
 def test_reset_purge_data(deployed: Deployed) -> None:
