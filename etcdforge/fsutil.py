@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 PUBLIC_FILE = 0o644
+TEMP_SUFFIX = re.compile(r"(\d{1,9})\.[a-z0-9_]{8}")  # PID.XXXXXXXX (tempfile.mkstemp's 8)
 
 
 def ensure_dir(path: Path, mode: int = PRIVATE_DIR) -> Path:
@@ -66,8 +68,8 @@ def drop_stale_temps(path: Path) -> None:
     """Remove the temp files of `path` that a killed writer left (see `write_temp`)."""
     prefix = f".{path.name}."
     for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = stale.name.removeprefix(prefix).partition(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        found = TEMP_SUFFIX.fullmatch(stale.name.removeprefix(prefix))
+        if found and not _alive(int(found.group(1))):
             stale.unlink(missing_ok=True)
 
 

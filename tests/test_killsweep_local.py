@@ -90,6 +90,28 @@ def test_up_from_nothing(tmp_path: Path) -> None:
         purge()
 
 
+def test_down_purge(tmp_path: Path) -> None:
+    data = spec_data("purge", 3, require_binary(VERSION))
+    cluster = LocalCluster(write_spec(tmp_path, data), tmp_path / "state", data)
+
+    def deploy() -> None:
+        result = cluster.cli("up")
+        assert result.code == 0, result.stderr
+
+    def check() -> None:
+        assert not cluster.state_dir.exists()
+
+    planted = [
+        Inside("etcdforge.services.local:_finish_stop", "before"),  # a member still stopping
+        Inside("os:unlink", "before", "cluster.json"),  # all gone but the record
+        Inside("os:unlink", "after", "cluster.json"),  # all gone but the state dir (its lock)
+    ]
+    target = LocalTarget(cluster, running=False)
+    args = ["down", "--purge", *cluster.args]
+    spec = Sweep(args, target, 4, prepare=deploy, check=check, healthy_after=False, planted=planted)
+    _passed(sweep(spec))
+
+
 def test_up_on_a_crashed_member(cluster: LocalCluster) -> None:
     target = LocalTarget(cluster)
 
