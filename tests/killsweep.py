@@ -18,8 +18,8 @@ lying around) that should not be. A sweep checks it for one command:
    (bounded) so the report says how many reruns a kill really needed. Points a round never
    reached (a step its reruns found done) are tried in the next round. `prepare` must give each
    round the same work (crash the same member, say), or the lines will not match.
-   **planted** points (`tests.kill_inside`: an exact place in the code, like "between launching
-   etcd and writing its pid file") get a last round of their own, in the order given.
+   **Planted** points (`tests.kill_inside`: an exact place in the code, like "between launching
+   etcd and writing its pid file") come first in a round, in the order given.
 4. **checks** after each round: every member healthy (`Target.unhealthy`), the command's own
    postconditions (`check`), nothing left (`Target.leftovers`: stray processes, temp files); at
    the end, 0 acknowledged writes of the `WriteLoad` missing on any member.
@@ -59,7 +59,10 @@ LEFTOVER_GRACE = 3.0  # a helper finishing its last write may take a moment to e
 class Target(Protocol):
     """The cluster a sweep runs against (see tests.killsweep_targets)."""
 
-    endpoints: list[str]
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's client URL (where lost writes are looked for)."""
+        ...
 
     def unhealthy(self) -> list[str]:
         """Members that do not answer healthy, each with why; empty when all are healthy."""
@@ -189,18 +192,14 @@ def sweep(spec: Sweep) -> SweepReport:
         raise AssertionError(f"the uninterrupted run failed: {calibration.error}")
     _after_round(spec, report)
     total = calibration.lines[-1].at if calibration.lines else 1.0
-    pending = kill_points(calibration.lines, total, spec.points, random.Random(seed))
-    while pending and report.rounds < spec.max_rounds and not report.failures:
+    timed = kill_points(calibration.lines, total, spec.points, random.Random(seed))
+    planted = list(spec.planted)
+    while (timed or planted) and report.rounds < spec.max_rounds and not report.failures:
         report.rounds += 1
         spec.prepare()
-        pending = _timed_round(_Chain(spec, report), calibration.lines, pending)
+        timed, planted = _round(_Chain(spec, report), calibration.lines, timed, planted)
         _after_round(spec, report)
-    report.missed += [p.describe() for p in pending]
-    if spec.planted and not report.failures:
-        report.rounds += 1
-        spec.prepare()
-        _planted_round(_Chain(spec, report))
-        _after_round(spec, report)
+    report.missed += [p.describe() for p in timed] + [f"planted {i.describe()}" for i in planted]
     if spec.load is not None:
         report.acked = len(spec.load.acked)
         report.lost = spec.load.missing(spec.target.endpoints)
@@ -249,32 +248,22 @@ class _Chain:
         return ("hopeless" if self.last.reruns > MAX_FAILED_RERUNS else "failed"), outcome
 
 
-def _timed_round(
-    chain: _Chain, timeline: Sequence[Line], pending: list[KillPoint]
-) -> list[KillPoint]:
-    """Kill runs at the pending points in order until one completes; returns those not hit."""
-    for _ in range(len(pending) + MAX_FAILED_RERUNS + 2):
-        status, outcome = chain.run(Aim(timeline, pending))
-        if status == "killed":
-            pending = [p for p in pending if p != outcome.point]
+def _round(
+    chain: _Chain, timeline: Sequence[Line], timed: list[KillPoint], planted: list[Inside]
+) -> tuple[list[KillPoint], list[Inside]]:
+    """The planted places first (each run resumes the last and dies there), then the timed
+    points as their lines come, until a run completes; returns the points not hit."""
+    for _ in range(len(timed) + len(planted) + MAX_FAILED_RERUNS + 2):
+        inside = planted[0] if planted else None
+        status, outcome = chain.run(None if inside else Aim(timeline, timed), planted=inside)
+        if status == "killed" and inside is not None:
+            planted = planted[1:]
+        elif status == "killed":
+            timed = [p for p in timed if p != outcome.point]
         elif status in ("completed", "hopeless"):
-            return pending
+            return timed, planted
     chain.report.problems.append("a round did not complete within its run budget")
-    return pending
-
-
-def _planted_round(chain: _Chain) -> None:
-    """Die at each planted place in turn (each run resumes the last), then complete."""
-    for inside in chain.spec.planted:
-        status, _ = chain.run(planted=inside)
-        if status == "completed":
-            chain.report.missed.append(f"planted {inside.describe()}: the run never got there")
-        if status == "hopeless":
-            return
-    for _ in range(MAX_FAILED_RERUNS + 1):
-        status, _ = chain.run()
-        if status in ("completed", "hopeless"):
-            return
+    return timed, planted
 
 
 def _after_round(spec: Sweep, report: SweepReport) -> None:
