@@ -34,7 +34,7 @@ dst=$1 mode=$2 owner=$3 sum=$4
 dir=$(dirname -- "$dst")
 tmp=$(mktemp "$dir/.$(basename -- "$dst").XXXXXX")
 trap 'rm -f -- "$tmp"' EXIT
-trap 'exit 129' HUP INT TERM
+trap 'exit 129' HUP INT TERM PIPE
 cat > "$tmp"
 got=$(sha256sum < "$tmp"); got=${got%% *}
 if [ "$got" != "$sum" ]; then echo "upload corrupted (sha256 $got, expected $sum)" >&2; exit 4; fi
@@ -42,7 +42,7 @@ chown -- "$owner" "$tmp"
 chmod -- "$mode" "$tmp"
 sync -- "$tmp" 2>/dev/null || true
 mv -f -- "$tmp" "$dst"
-trap - EXIT HUP INT TERM
+trap - EXIT HUP INT TERM PIPE
 """
 
 # sha256, octal mode and owner:group of a regular file; exit 3 when there is none.

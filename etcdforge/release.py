@@ -293,7 +293,7 @@ root=$(dirname -- "$final")
 rm -rf -- "$root"/.unpack.*
 work=$(mktemp -d "$root/.unpack.XXXXXX")
 trap 'rm -rf -- "$work" "$tarball"' EXIT
-trap 'exit 129' HUP INT TERM
+trap 'exit 129' HUP INT TERM PIPE
 tar -xf "$tarball" -C "$work" --no-same-owner --no-same-permissions
 test -x "$work/$top/etcd" || { echo "no $top/etcd in the tarball" >&2; exit 5; }
 chmod -R u=rwX,go=rX "$work/$top"

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -25,9 +27,11 @@ from etcdforge.client import EtcdClient, prefix_end
 from etcdforge.errors import EtcdforgeError
 from etcdforge.fsutil import PRIVATE_FILE
 from etcdforge.lock import RESERVED_PREFIX
+from etcdforge.services.local import command_line
 from etcdforge.tls import TLSFiles
 
 TOOL_TIMEOUT = 600.0
+LEFTOVER_TIMEOUT = 5.0
 PAGE_SIZE = 1000
 #: What the Kubernetes docs suggest for a restore under a live control plane: far beyond any
 #: revision a watcher has seen, and everything older marked compacted so watches restart.
@@ -94,9 +98,17 @@ def _env() -> dict[str, str]:
 
 
 def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
+    # Its own session: Ctrl-C stops the command between steps (etcdforge.interrupt), so the
+    # terminal's SIGINT must not kill the tool in the middle of a snapshot or a restore.
     try:
         result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=_env(), check=False
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_env(),
+            check=False,
+            start_new_session=True,
         )
     except OSError as exc:
         raise SnapshotError(f"{argv[0]}: cannot run it for {what} ({exc.strerror})") from None
@@ -181,10 +193,33 @@ def streaming_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part.part")
 
 
+def stop_leftover_tools(path: Path) -> None:
+    """SIGKILL any etcdctl/etcdutl still writing `path`: a command killed while one ran leaves
+    it running on (its own session, see `_run`), and two must never write the same file."""
+    found = [pid for pid in _pids() if _tool_on(pid, str(path))]
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + LEFTOVER_TIMEOUT
+    while any(_tool_on(pid, str(path)) for pid in found) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _tool_on(pid: int, path: str) -> bool:
+    argv = command_line(pid)
+    is_tool = bool(argv) and Path(argv[0]).name in ("etcdctl", "etcdutl")
+    return is_tool and pid != os.getpid() and any(path in arg for arg in argv[1:])
+
+
 def save(tools: SnapshotTools, endpoint: str, tls: TLSFiles, dest: Path) -> Path:
     """Stream one member's database to `dest` (0600); a partial file never takes its name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    stop_leftover_tools(part)
     part.unlink(missing_ok=True)
     argv = [
         str(tools.etcdctl),
@@ -287,6 +322,7 @@ def restore(
     skip_hash_check: bool = False,
 ) -> None:
     """Restore one member's data dir (which must not exist yet) from `snapshot`."""
+    stop_leftover_tools(data_dir)
     if data_dir.exists():
         raise SnapshotError(f"{data_dir}: already exists; a restore needs a fresh data dir")
     argv = restore_argv(

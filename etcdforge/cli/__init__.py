@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from etcdforge.cli.common import EXIT_ERROR, report_error
+from etcdforge.cli.common import EXIT_ERROR, notice, report_error
+from etcdforge.interrupt import Stopped
 
 #: command name -> "module:attribute"; a command's module is imported only when it runs.
 COMMANDS = {
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode click *returns* the code of a command that raised Exit.
         code = cli.main(args=argv, prog_name="etcdforge", standalone_mode=False)
     except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Stopped as exc:  # SIGTERM or Ctrl-C, at a safe point: 128 + the signal, as shells do
+        notice(str(exc))
         sys.exit(exc.exit_code)
     except click.Abort:
         click.secho("aborted", fg="red", err=True)

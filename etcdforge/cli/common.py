@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from etcdforge.errors import EtcdforgeError
+from etcdforge.interrupt import stop_at_safe_points
 
 if TYPE_CHECKING:
     from etcdforge.cli.progress import Board
@@ -42,6 +43,11 @@ def report_error(exc: BaseException, debug: bool) -> int:
         )
     click.secho(f"error: {message}", fg="red", err=True)
     return EXIT_ERROR
+
+
+def notice(message: str) -> None:
+    """A line about the command itself (not an error): a stop on its way, where it stopped."""
+    click.secho(message, fg="yellow", err=True)
 
 
 def cluster_options(func: F) -> F:
@@ -134,11 +140,11 @@ def changing_options(func: F) -> F:
 @contextlib.contextmanager
 def exclusive(selection: Selection, wait_lock: float, dry_run: bool = False) -> Iterator[Board]:
     """A changing command's context: the cluster's lock held around it (a dry run changes
-    nothing: no lock), and its progress display."""
+    nothing: no lock), its progress display, and SIGTERM/Ctrl-C stopping it between steps."""
     # Imported here, as every command body does: `status` must not pay for what it never uses.
     from etcdforge.cli.progress import Board
 
-    with Board() as board:
+    with stop_at_safe_points(notice), Board() as board:
         if dry_run:
             yield board
             return

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from etcdforge.client import EndpointStatus, EtcdClient
 from etcdforge.errors import EtcdClientError, ServiceError
+from etcdforge.interrupt import checkpoint
 from etcdforge.record import ClusterRecord
 from etcdforge.services.runtime import MemberRuntime
 
@@ -51,6 +52,7 @@ async def wait_healthy(
     unhealthy: dict[str, str] = {}
     async with EtcdClient(record.endpoints, record.admin_tls, timeout=2.0) as client:
         for _ in range(int(timeout / HEALTH_POLL) + 10):
+            checkpoint("while waiting for every member to be healthy")
             unhealthy = await unhealthy_members(client, record)
             now = time.monotonic()
             if not unhealthy or now > deadline:

@@ -6,6 +6,9 @@ a converged cluster changes nothing. `--dry-run` prints the steps that would run
 Progress is reported, never printed, below the CLI: an operation announces its phases (`phase`)
 and the steps it takes on a member, a host or the admin machine (`step`); the CLI shows them as a
 live display on a terminal and as plain lines otherwise.
+
+Before each step that will run, the runner passes a checkpoint (`interrupt.before_step`): a
+SIGTERM or Ctrl-C stops the command there, between two steps, never inside one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from etcdforge.interrupt import before_step
 
 
 class Progress(Protocol):
@@ -107,6 +112,7 @@ def execute(
         if dry_run:
             pending.append(step.title)
             continue
+        before_step(step.title, where)
         phases.enter(step.phase)
         progress.step(where, step.title)
         step.run()
@@ -139,6 +145,7 @@ async def execute_async(
             detail = await step.explain() if step.explain else ""
             pending.append(f"{step.title}: {detail}" if detail else step.title)
             continue
+        before_step(step.title, where)
         progress.step(where, step.title)
         await step.run()
         changed.append(step.title)

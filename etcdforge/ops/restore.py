@@ -257,7 +257,7 @@ set -eu
 snap=$1 data=$2 user=$3; shift 3
 fresh=$data.restoring aside=$data.pre-migrate
 trap 'rm -f -- "$snap"' EXIT
-trap 'exit 129' HUP INT TERM
+trap 'exit 129' HUP INT TERM PIPE
 rm -rf -- "$fresh"
 ETCDCTL_API=3 "$@" 2>&1 || { rc=$?; rm -rf -- "$fresh"; exit "$rc"; }
 [ -d "$fresh/member" ] || { echo "Error: the restore left no $fresh/member"; exit 5; }

@@ -8,7 +8,9 @@ running member was started with can be compared with what the spec wants now.
 Each start appends a marker line to the member's log, so a diagnosis reads only the latest start's
 lines, never an earlier run's shutdown. A stop leaves a `etcd.stopping` note (the PID) until the
 process is gone, so a command that finds a member mid-stop (the previous command was killed while
-stopping it) waits for it to finish instead of mistaking it for a failed start.
+stopping it) waits for it to finish instead of mistaking it for a failed start. A start killed
+between launching etcd and writing the pid file leaves a member without one: it is found by its
+data dir, and `settle` records its PID.
 """
 
 from __future__ import annotations
@@ -159,14 +161,27 @@ def _finish_stop(pid: int, data_dir: Path, timeout: float) -> None:
 
 
 def settle(pid_file: Path, data_dir: Path, timeout: float = STOP_TIMEOUT) -> None:
-    """Finish a stop that an earlier, interrupted command began (see the module docstring)."""
+    """Finish what an earlier, interrupted command began: a stop (see the module docstring), or
+    a start killed between launching etcd and writing its pid file (the pid is recorded now)."""
+    _finish_interrupted_stop(pid_file, data_dir, timeout)
+    recorded = read_pid(pid_file)
+    if recorded is not None and is_our_etcd(recorded, data_dir):
+        return
+    found = find_etcd_on(data_dir)
+    if found is not None:
+        atomic_write(pid_file, f"{found}\n".encode(), PRIVATE_FILE)
+
+
+def _finish_interrupted_stop(pid_file: Path, data_dir: Path, timeout: float) -> None:
     note = stopping_file(pid_file)
     pid = read_pid(note)
     if pid is None:
         note.unlink(missing_ok=True)
         return
-    if pid == read_pid(pid_file) and is_our_etcd(pid, data_dir):
-        _finish_stop(pid, data_dir, timeout)
+    if pid == read_pid(pid_file):
+        if is_our_etcd(pid, data_dir):
+            _finish_stop(pid, data_dir, timeout)
+        # Stopped on purpose, even if the process was gone already: not a failed start.
         pid_file.unlink(missing_ok=True)
     note.unlink(missing_ok=True)
 

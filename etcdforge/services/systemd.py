@@ -252,6 +252,11 @@ async def disable_now(host: Host, name: str) -> None:
     await host.run(["systemctl", "disable", "--now", "-q", name], timeout=RESTART_TIMEOUT)
 
 
+async def stop_now(host: Host, name: str) -> None:
+    """Stop a unit, waiting for the stop job (one already running included) to finish."""
+    await host.run(["systemctl", "stop", name], timeout=RESTART_TIMEOUT)
+
+
 async def mask_now(host: Host, name: str) -> None:
     await host.run(["systemctl", "mask", "--now", name], timeout=RESTART_TIMEOUT)
 
@@ -322,8 +327,8 @@ class SystemdRuntime:
 
     async def down_reason(self, name: str) -> str | None:
         state = await self.state(name)
-        if state.running and not state.crashed:
-            return None
+        if (state.running and not state.crashed) or state.in_transition:
+            return None  # running, or still starting or stopping: judged once it settles
         host = self.hosts[name]
         if not state.crashed:
             return f"{host.label}: {self.unit} is {state.active or 'not loaded'}"
