@@ -23,6 +23,7 @@ COMMANDS = {
     "reset": "etcdforge.cli.hosts:reset_cmd",
     "certs": "etcdforge.cli.certs:certs_group",
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
+    "adopt": "etcdforge.cli.adopt:adopt_cmd",
 }
 
 

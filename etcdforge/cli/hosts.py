@@ -16,6 +16,7 @@ from etcdforge.cli.common import (
 
 if TYPE_CHECKING:
     from etcdforge.ops.apply import ApplyResult
+    from etcdforge.ops.convert_report import AdoptionReport
     from etcdforge.ops.target import Selection
 
 
@@ -31,6 +32,10 @@ def plan_cmd(selection: Selection, allow_even: bool) -> None:
         result = apply(selection, dry_run=True, progress=board, allow_even=allow_even)
     for message in result.warnings:
         warn(message)
+    if result.adoption is not None:
+        from etcdforge.cli.adopt import print_report
+
+        print_report(result.adoption)
     _print_plan(result)
 
 
@@ -59,12 +64,31 @@ def _print_plan(result: ApplyResult) -> None:
     default=120.0,
     maximum=3600,
 )
-def apply_cmd(selection: Selection, allow_even: bool, timeout: float, wait_lock: float) -> None:
-    """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy."""
+@click.option("--yes", is_flag=True, help="Convert an adopted cluster without asking (scripts).")
+def apply_cmd(
+    selection: Selection, allow_even: bool, timeout: float, yes: bool, wait_lock: float
+) -> None:
+    """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy.
+
+    An adopted cluster is converted first, one member at a time; before that, `apply` shows
+    who is connected to the plain-http listener it drops and asks (unless --yes).
+    """
+    from etcdforge.cli.adopt import confirm_conversion
     from etcdforge.ops.apply import apply
 
     with exclusive(selection, wait_lock) as board:
-        result = apply(selection, progress=board, timeout=timeout, allow_even=allow_even)
+
+        def ask(report: AdoptionReport) -> None:
+            with board.paused():
+                confirm_conversion(report)
+
+        result = apply(
+            selection,
+            progress=board,
+            timeout=timeout,
+            allow_even=allow_even,
+            confirm=None if yes else ask,
+        )
     for message in result.warnings:
         warn(message)
     summary = f"cluster {result.cluster}: {len(result.hosts)} member(s), etcd {result.version}"

@@ -21,10 +21,12 @@ so a rerun after a kill resumes, and a rerun on a converged cluster changes and 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from etcdforge import release as releases
+from etcdforge.adoption import Adoption, read_adoption
 from etcdforge.binaries import EtcdBinary, check_version, format_version
 from etcdforge.errors import SpecError
 from etcdforge.host_logins import close_all, connect_all
@@ -38,7 +40,9 @@ from etcdforge.ops.admin_state import (
     record_step,
     state_dir_steps,
 )
-from etcdforge.ops.certs import cluster_pki_steps
+from etcdforge.ops.cert_import import pki_steps
+from etcdforge.ops.convert import Conversion, MemberState, Phase, reach_data_step
+from etcdforge.ops.convert_report import AdoptionReport, conversion_report
 from etcdforge.ops.desired import Desired, desired, service_action
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.ops.host_steps import host_steps
@@ -49,6 +53,9 @@ from etcdforge.record import ClusterRecord, new_token
 from etcdforge.services.runtime import ActionKind, ServiceAction
 from etcdforge.services.systemd import SystemdRuntime, unit_name
 from etcdforge.spec import ClusterSpec, MemberSpec
+
+#: Shown an adopted cluster's conversion before anything changes; raises to stop it.
+Confirm = Callable[[AdoptionReport], None]
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class ApplyResult(Deployment):
     dry_run: bool
     admin_changes: tuple[str, ...]
     hosts: tuple[HostResult, ...]
+    adoption: AdoptionReport | None = None  # an adopted cluster: findings, conversion, clients
 
     @property
     def changed_anything(self) -> bool:
@@ -94,7 +102,10 @@ def apply(
     progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
     allow_even: bool = False,
+    confirm: Confirm | None = None,
 ) -> ApplyResult:
+    """`confirm`, for an adopted cluster still to convert: shown the conversion (and who is
+    connected to the plain-http listener it drops) before anything changes; raises to stop."""
     spec, layout, previous = load_host_spec(selection, allow_even)
     check_against_record(spec, previous)
     assert selection.file is not None
@@ -102,7 +113,7 @@ def apply(
     warning = check_version(
         release.version, dev_cluster=False, allow_unsafe=spec.etcd.allow_unsafe_version
     )
-    run = Apply(spec, layout, release, dry_run, progress, timeout)
+    run = Apply(spec, layout, release, dry_run, progress, timeout, read_adoption(layout), confirm)
     result = asyncio.run(run.converge(previous.token if previous is not None else None))
     return ApplyResult(
         cluster=spec.name,
@@ -112,20 +123,27 @@ def apply(
         admin_changes=result[0],
         hosts=result[1],
         warnings=(warning,) if warning else (),
+        adoption=run.report,
     )
 
 
 async def probe_all(
-    spec: ClusterSpec, hosts: dict[str, Host], token: str | None
+    spec: ClusterSpec,
+    hosts: dict[str, Host],
+    token: str | None,
+    takeover: Mapping[str, int] | None = None,
 ) -> dict[str, preflight.HostFacts]:
-    """Probe and check every host; the first refusal (naming the others) stops everything."""
+    """Probe and check every host; the first refusal (naming the others) stops everything.
+
+    `takeover`: the pid of the adopted etcd each member still runs (its ports and data are ours).
+    """
     paths = spec.host_paths
     facts: dict[str, preflight.HostFacts] = {}
 
     async def one(member: MemberSpec) -> None:
         host = hosts[member.name]
         found = await preflight.probe(host, paths)
-        preflight.check(host, member, paths, found, token)
+        preflight.check(host, member, paths, found, token, (takeover or {}).get(member.name))
         facts[member.name] = found
 
     await fan_out(spec.members, lambda m: hosts[m.name].label, one)
@@ -142,26 +160,37 @@ class Apply:
     dry_run: bool
     progress: Progress
     timeout: float
+    adoption: Adoption | None = None  # an adopted cluster (`ops.convert` until converted)
+    confirm: Confirm | None = None
+    report: AdoptionReport | None = None
 
     async def converge(self, token: str | None) -> tuple[tuple[str, ...], tuple[HostResult, ...]]:
         self.progress.phase("connect")
         hosts = await connect_all(self.spec)
         try:
             self.progress.phase("preflight")
-            facts = await probe_all(self.spec, hosts, token)
+            conversion = self.conversion(hosts)
+            states = await conversion.survey() if conversion else {}
+            takeover = {n: s.runbook_pid for n, s in states.items() if s.runbook_pid}
+            facts = await probe_all(self.spec, hosts, token, takeover)
             record = self.record(token or new_token(self.spec.name))
+            await self.show_adoption(record, hosts, conversion, states)
             self.progress.phase("admin PKI")
             admin = self.admin_pki(record)
             wants = {
                 m.name: desired(self.spec, self.layout, m, record.token) for m in self.spec.members
             }
             self.progress.phase("files")
-            changes = await self.files(hosts, facts, wants)
+            changes = await self.files(hosts, facts, wants, states)
             runtime = SystemdRuntime(hosts, unit_name(self.spec.host_paths))
-            actions = await self.service_actions(runtime, wants)
+            found = await self.service_actions(runtime, wants)
+            actions = conversion.actions(states, found) if conversion else found
             if not self.dry_run:
                 self.progress.phase("services")
-                await self.services(record, runtime, actions)
+                if conversion:
+                    await conversion.run(record, runtime, found, self.progress, self.timeout)
+                else:
+                    await self.services(record, runtime, actions)
         finally:
             await close_all(hosts)
         done = admin.pending if self.dry_run else admin.changed
@@ -170,6 +199,27 @@ class Apply:
             for m in self.spec.members
         )
         return done, results
+
+    def conversion(self, hosts: dict[str, Host]) -> Conversion | None:
+        if self.adoption is None or self.adoption.converted:
+            return None
+        return Conversion(self.adoption, hosts, self.spec.host_paths, self.layout)
+
+    async def show_adoption(
+        self,
+        record: ClusterRecord,
+        hosts: dict[str, Host],
+        conversion: Conversion | None,
+        states: Mapping[str, MemberState],
+    ) -> None:
+        """`plan` of an adopted cluster reports it; `apply` shows a conversion to `confirm`."""
+        asking = conversion is not None and self.confirm is not None and not self.dry_run
+        if self.adoption is None or not (self.dry_run or asking):
+            return
+        reasons = {n: conversion.reason(s) for n, s in states.items()} if conversion else {}
+        self.report = await conversion_report(self.adoption, record, hosts, states, reasons)
+        if asking and self.confirm is not None:
+            self.confirm(self.report)
 
     def record(self, token: str) -> ClusterRecord:
         """The record names each member's data dir on its host, not a path on this machine."""
@@ -180,7 +230,7 @@ class Apply:
     def admin_pki(self, record: ClusterRecord) -> PlanResult:
         steps = [
             *state_dir_steps(self.layout),
-            *cluster_pki_steps(self.spec, self.layout),
+            *pki_steps(self.spec, self.layout),  # an imported PKI is verified, never reissued
             record_step(self.layout, record),
         ]
         return execute(steps, self.progress, self.dry_run, where="admin")
@@ -190,12 +240,18 @@ class Apply:
         hosts: dict[str, Host],
         facts: dict[str, preflight.HostFacts],
         wants: dict[str, Desired],
+        states: Mapping[str, MemberState],
     ) -> dict[str, tuple[str, ...]]:
+        paths = self.spec.host_paths
+
         async def one(member: MemberSpec) -> tuple[str, ...]:
             host = hosts[member.name]
+            state = states.get(member.name)
+            taking_over = state is not None and state.phase is not Phase.CONVERTED
             steps = host_steps(
-                self.spec, host, facts[member.name], self.release, wants[member.name]
+                self.spec, host, facts[member.name], self.release, wants[member.name], taking_over
             )
+            steps += [reach_data_step(host, paths)] if taking_over else []
             result = await execute_async(steps, self.progress, self.dry_run, where=host.label)
             return result.pending if self.dry_run else result.changed
 

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 
 from etcdforge import render
 from etcdforge.layout import StateLayout
+from etcdforge.ops.cert_import import peer_allowed_cn
 from etcdforge.release import Release, version_dir
 from etcdforge.services import systemd
 from etcdforge.services.runtime import ServiceAction
@@ -33,7 +34,9 @@ def host_member_files(paths: HostPathsSpec) -> render.MemberFiles:
 def desired(spec: ClusterSpec, layout: StateLayout, member: MemberSpec, token: str) -> Desired:
     paths = spec.host_paths
     files = host_member_files(paths)
-    env_text = render.as_env_file(render.etcd_settings(spec, member, files, token))
+    allowed_cn = peer_allowed_cn(layout)  # an imported single-CA PKI: pin the peer port
+    settings = render.etcd_settings(spec, member, files, token, peer_allowed_cn=allowed_cn)
+    env_text = render.as_env_file(settings)
     local = layout.member(member.name)
     pki = [
         (PurePosixPath(files.trusted_ca), local.trusted_ca, False),
