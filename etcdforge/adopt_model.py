@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+from etcdforge.client import Member
 from etcdforge.errors import EtcdforgeError
 
 #: The files an etcd member's TLS flags name, by flag.
@@ -209,28 +210,19 @@ def require_member(reading: HostReading) -> None:
 
 
 @dataclass(frozen=True)
-class ListedMember:
-    id: str
-    name: str
-    peer_urls: tuple[str, ...]
-    client_urls: tuple[str, ...]
-    is_learner: bool = False
-
-
-@dataclass(frozen=True)
 class Listing:
     """One member's answer to `member list`: its cluster ID, its own ID, the members."""
 
     cluster_id: str
     member_id: str
-    members: tuple[ListedMember, ...]
+    members: tuple[Member, ...]  # IDs in hex, as etcdctl prints them
 
 
 def parse_listing(payload: Mapping[str, Any]) -> Listing:
     """The JSON gateway's /v3/cluster/member/list answer (64-bit ints as decimal strings)."""
     header = payload.get("header", {})
     members = tuple(
-        ListedMember(
+        Member(
             id=f"{int(m['ID']):x}",
             name=m.get("name", ""),
             peer_urls=tuple(m.get("peerURLs", [])),
