@@ -9,8 +9,7 @@ peer port, the CA key on every member, client-cert-auth/peer-client-cert-auth le
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -50,8 +49,8 @@ def _cert(reading: HostReading, flag: str) -> x509.Certificate | None:
         return None
 
 
-def _members(readings: Sequence[Reading], test: object) -> tuple[str, ...]:
-    return tuple(name for name, reading in readings if test(reading))  # type: ignore[operator]
+def _members(readings: Sequence[Reading], test: Callable[[HostReading], bool]) -> tuple[str, ...]:
+    return tuple(name for name, reading in readings if test(reading))
 
 
 def plain_http(readings: Sequence[Reading]) -> Finding | None:
@@ -196,10 +195,3 @@ def findings(readings: Sequence[Reading], recorded_keys: Sequence[str] = ()) -> 
         unit_typo(readings),
     ]
     return [f for f in found if f is not None]
-
-
-def not_after(data: bytes) -> dt.datetime | None:
-    try:
-        return x509.load_pem_x509_certificate(data).not_valid_after_utc
-    except ValueError:
-        return None

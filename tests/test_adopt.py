@@ -230,6 +230,7 @@ def test_apply_converts_under_load_killed_midway_and_rerun(adopting: Adopting) -
     assert load.missing(cluster.endpoints) == dict.fromkeys(cluster.endpoints, 0)
     assert len(load.acked) > acked
     lines = [line for line in (killed + rerun.stderr).splitlines() if f"restart {UNIT}" in line]
+    print("\n".join(s for s in rerun.stderr.splitlines() if "→" in s and UNIT in s))
     assert "leadership handed to a caught-up follower first" in lines[-1], lines
     assert "delete the CA key /etc/etcd/ssl/ca-key.pem" in rerun.stderr
     # Secure now, and still the same cluster: names, IDs and data dirs.
