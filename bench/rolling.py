@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from etcdforge.client import EtcdClient
 from etcdforge.ops.down import down
 from etcdforge.ops.health import leader_name, unhealthy_members
+from etcdforge.ops.plan import SILENT
 from etcdforge.ops.rolling import followers_first, rolling_restart
 from etcdforge.ops.runtime import open_runtime
 from etcdforge.ops.target import Selection
@@ -84,7 +85,7 @@ async def floor_roll(record: ClusterRecord, restart: Restart) -> None:
 
 async def etcdforge_roll(record: ClusterRecord, runtime: MemberRuntime) -> None:
     reasons = {m.name: "benchmark" for m in record.members}
-    await rolling_restart(record, runtime, reasons, lambda _where, _what: None, HEALTH_LIMIT)
+    await rolling_restart(record, runtime, reasons, SILENT, HEALTH_LIMIT)
 
 
 def measure(record: ClusterRecord, roll: Callable[[], Awaitable[None]], into: Figures) -> None:

@@ -146,16 +146,22 @@ def cluster_held_message(cluster: str, holder: Holder, waited: float) -> str:
 
 
 class StateDirLock:
-    """`flock` on `<state>/lock`, holding this process's Holder record while locked."""
+    """`flock` on `<state>/lock`, holding this process's Holder record while locked.
+
+    A state dir made only to hold the lock is removed again on release if the command wrote
+    nothing else into it: a command refused for bad input leaves no trace.
+    """
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.path = state_dir / LOCK_FILE
         self._fd: int | None = None
+        self.created = False
 
     def try_acquire(self, holder: Holder) -> bool:
         if not self.state_dir.is_dir():
             ensure_dir(self.state_dir)
+            self.created = True
         for _ in range(REOPEN_ATTEMPTS):
             fd = self._open()
             if fd is None:
@@ -201,7 +207,17 @@ class StateDirLock:
         fd, self._fd = self._fd, None
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # no stale holder record once the lock is free
+        if self.created and self._only_the_lock():
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # a waiter sees it unlinked and opens the dir anew
+                self.state_dir.rmdir()
         os.close(fd)  # closing drops the flock
+
+    def _only_the_lock(self) -> bool:
+        try:
+            return [p.name for p in self.state_dir.iterdir()] == [LOCK_FILE]
+        except OSError:
+            return False
 
 
 def read_holder(record: ClusterRecord) -> Holder | None:

@@ -59,7 +59,7 @@ class SnapshotInfo:
     hash: int
     revision: int
     total_keys: int
-    total_size: int
+    total_size: int  # bytes
 
 
 @dataclass(frozen=True)

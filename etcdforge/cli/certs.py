@@ -234,7 +234,9 @@ def rotate_ca_cmd(
     from etcdforge.ops.rotate_ca import rotate_ca
 
     with exclusive(selection, wait_lock, dry_run) as progress:
-        result = rotate_ca(selection, stop_after, dry_run, progress, timeout)
+        result = rotate_ca(
+            selection, stop_after=stop_after, dry_run=dry_run, progress=progress, timeout=timeout
+        )
     if dry_run:
         click.echo(f"cluster {result.cluster}: {len(result.pending)} step(s) would run")
         for title in result.pending:

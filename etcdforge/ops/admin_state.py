@@ -22,10 +22,10 @@ from etcdforge.spec import ClusterSpec
 class Deployment:
     """What `up` and `apply` both report: which cluster, where its state is, which etcd."""
 
+    warnings: tuple[str, ...]  # shown before the summary
     cluster: str
     state_dir: Path
     version: str
-    warnings: tuple[str, ...]
 
 
 def dir_step(title: str, path: Path) -> Step:

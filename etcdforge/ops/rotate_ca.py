@@ -96,6 +96,7 @@ def _require_live(record: ClusterRecord, timeout: float) -> None:
 
 def rotate_ca(
     selection: Selection,
+    *,
     stop_after: str | None = None,
     dry_run: bool = False,
     progress: Progress = SILENT,
