@@ -85,31 +85,45 @@ def measure(cluster: RunbookCluster, work: Callable[[], None], into: Figures, ta
     into.missing += sum(load.missing(cluster.endpoints).values())
 
 
-def adopt_and_apply(cluster: RunbookCluster, work: Path, release: str) -> Callable[[], None]:
+def adopt_and_apply(
+    cluster: RunbookCluster, work: Path, release: str, split: dict[str, list[float]]
+) -> Callable[[], None]:
     spec, env = work / "cluster.yaml", {"ETCDFORGE_CACHE_DIR": str(work / "cache")}
     first = cluster.hosts[0]
     hosts = [a for h in cluster.hosts for a in ("--host", f"root@{h.address}")]
     login = ["--ssh-key", str(first.key_path), "--known-hosts", str(first.known_hosts)]
 
     def run() -> None:
+        started = time.monotonic()
         adopted = run_cli(
             "adopt", *hosts, *login, "-o", str(spec), "--state-dir", str(work / "state"),
             "--release", release, env=env,
         )  # fmt: skip
         if adopted.code != 0:
             raise SystemExit(f"adopt failed: {adopted.stderr}")
+        middle = time.monotonic()
         applied = run_cli("apply", "-f", str(spec), "--yes", env=env, timeout=600)
         if applied.code != 0:
             raise SystemExit(f"apply failed: {applied.stderr}")
+        split["adopt"].append(middle - started)
+        split["apply"].append(time.monotonic() - middle)
 
     return run
 
 
-def one_run(fleet: Fleet, work: Path, release: str, floor: Figures, ours: Figures) -> None:
+def one_run(
+    fleet: Fleet,
+    work: Path,
+    release: str,
+    figures: tuple[Figures, Figures],
+    split: dict[str, list[float]],
+) -> None:
+    floor, ours = figures
     hosts: list[Host] = fleet.start(3)
     cluster = build(hosts, work / "runbook")
     measure(cluster, lambda: floor_roll(cluster), floor, f"floor{len(floor.stalls)}")
-    measure(cluster, adopt_and_apply(cluster, work, release), ours, f"adopt{len(ours.stalls)}")
+    convert = adopt_and_apply(cluster, work, release, split)
+    measure(cluster, convert, ours, f"adopt{len(ours.stalls)}")
 
 
 def main() -> None:
@@ -117,6 +131,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="fresh hosts and cluster per run")
     args = parser.parse_args()
     floor, ours = Figures(), Figures()
+    split: dict[str, list[float]] = {"adopt": [], "apply": []}
     with tempfile.TemporaryDirectory(prefix="etcdforge-bench-adopt-") as tmp:
         root = Path(tmp)
         tarball = build_tarball(root, "3.5.1", release_sources()["3.5.1"])
@@ -125,12 +140,14 @@ def main() -> None:
             for index in range(args.runs):
                 work = root / f"run{index}"
                 work.mkdir()
-                one_run(fleet, work, server.url("3.5.1"), floor, ours)
+                one_run(fleet, work, server.url("3.5.1"), (floor, ours), split)
     print("runbook cluster, 3 hosts, etcd 3.5.1, writer with the runbook's client.pem")
     print(floor.line("floor"))
     print(ours.line("etcdforge"))
     stall = statistics.median(ours.stalls) / (statistics.median(floor.stalls) or float("nan"))
     took = statistics.median(ours.durations) / statistics.median(floor.durations)
+    adopt_s, apply_s = (statistics.median(split[k]) for k in ("adopt", "apply"))
+    print(f"  etcdforge split: adopt {adopt_s:.2f} s (reads only), apply {apply_s:.2f} s")
     print(f"  ratio etcdforge/floor: stall {stall:.2f}x, time {took:.2f}x")
     goal = max(ours.stalls) < 1.0 and ours.missing == 0
     print(f"  goal (stall < 1 s, 0 lost writes): {'met' if goal else 'NOT met'}")
