@@ -26,7 +26,9 @@ from pathlib import Path
 
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from etcdforge import pki
 from etcdforge.adopt_findings import Finding, ca_fingerprints, findings
 from etcdforge.adopt_model import (
     Adopted,
@@ -222,11 +224,10 @@ def stage_pki(
     settings = first.settings
     client, client_key = client_pair_beside(settings["trusted-ca-file"])
     shared = {"ca": (settings["trusted-ca-file"], None), "client": (client, client_key)}
-    keys = [p for r in readings.values() for p in _present_keys(r, adopted)]
     _stage(staging, first, shared)
-    if keys:
-        owner = next(r for r in readings.values() if keys[0] in r.files)
-        atomic_write(staging / SEED_FILES["ca"][1], owner.files[keys[0]] or b"", PRIVATE_FILE)
+    key = _ca_key(adopted, readings, first.files[settings["trusted-ca-file"]] or b"")
+    if key is not None:
+        atomic_write(staging / SEED_FILES["ca"][1], key, PRIVATE_FILE)
     member_dirs = {}
     for member in adopted.members:
         reading = readings[member.name]
@@ -240,8 +241,19 @@ def stage_pki(
     return member_dirs
 
 
-def _present_keys(reading: HostReading, adopted: Adopted) -> list[str]:
-    return [p for paths in adopted.ca_keys.values() for p in paths if reading.files.get(p)]
+def _ca_key(adopted: Adopted, readings: Mapping[str, HostReading], ca_pem: bytes) -> bytes | None:
+    """The CA key found on a member that really belongs to the CA (signing needs it later)."""
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    for name, paths in adopted.ca_keys.items():
+        for path in paths:
+            data = readings[name].files.get(path)
+            try:
+                key = serialization.load_pem_private_key(data or b"", password=None)
+            except (ValueError, TypeError):
+                continue
+            if isinstance(key, pki.PrivateKey) and pki.key_matches(ca, key):
+                return data
+    return None
 
 
 def _stage(
