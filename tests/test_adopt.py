@@ -204,22 +204,24 @@ def test_apply_converts_under_load_killed_midway_and_rerun(adopting: Adopting) -
     hosts = cluster.hosts
     data_dirs = [_stat(h, DATA_DIR)[0].split()[0] for h in hosts]
     ids = json.loads((adopting.state / "adopted.json").read_text())["found"]["members"]
-    restarts = 0
+    handed = 0
 
-    def second_takeover(line: str) -> bool:
-        nonlocal restarts
-        restarts += f"restart {UNIT}" in line
-        return restarts == 2
+    def second_member_stopped(line: str) -> bool:
+        """Killed once the second member's runbook unit is off and ours not started yet."""
+        nonlocal handed
+        handed += "(kept in place)" in line
+        return handed == 2
 
     started = time.monotonic()
     with WriteLoad(cluster.endpoints, cluster.client_files, "adopt", reload=True) as load:
         killed = kill_cli_at(
-            ["apply", "-f", str(adopting.spec), "--yes"], second_takeover, env=adopting.env
+            ["apply", "-f", str(adopting.spec), "--yes"], second_member_stopped, env=adopting.env
         )
         assert "take over from the runbook's etcd.service" in killed
-        time.sleep(2)  # a stop systemd had begun finishes without the CLI
         rerun = adopting.cli("apply", "--yes")
         assert rerun.code == 0, rerun.stderr
+        finished = rerun.stderr.index("finish the conversion: etcd.service is stopped")
+        assert finished < rerun.stderr.index(f"restart {UNIT}")  # the half-converted one first
         took = time.monotonic() - started
         acked = len(load.acked)
         deadline = time.monotonic() + 30
@@ -230,7 +232,7 @@ def test_apply_converts_under_load_killed_midway_and_rerun(adopting: Adopting) -
     assert load.missing(cluster.endpoints) == dict.fromkeys(cluster.endpoints, 0)
     assert len(load.acked) > acked
     lines = [line for line in (killed + rerun.stderr).splitlines() if f"restart {UNIT}" in line]
-    print("\n".join(s for s in rerun.stderr.splitlines() if "→" in s and UNIT in s))
+    print("\n".join(s for s in rerun.stderr.splitlines() if "→" in s and "kubernetes" in s))
     assert "leadership handed to a caught-up follower first" in lines[-1], lines
     assert "delete the CA key /etc/etcd/ssl/ca-key.pem" in rerun.stderr
     # Secure now, and still the same cluster: names, IDs and data dirs.

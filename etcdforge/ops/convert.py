@@ -113,7 +113,8 @@ class Conversion:
             if name not in taking:
                 await runtime.restart(name)
                 return
-            await self.take_over(runtime, name)
+            await self.take_over(runtime, name, progress)
+            progress.step(runtime.label(name), "wait until it has caught up with the leader")
             await wait_caught_up(record, name, timeout)
 
         await rolling_restart(record, runtime, reasons, progress, timeout, action=one)
@@ -130,21 +131,24 @@ class Conversion:
         """Members a killed run left stopped: complete their switch, start them together."""
         for name in names:
             progress.step(runtime.label(name), self.reason(MemberState(Phase.HALF, None)))
-            await self.prepare(name)
+            await self.prepare(name, progress)
         await fan_out(names, runtime.label, runtime.start)
         progress.step("cluster", "wait for every member to be healthy")
         await wait_healthy(record, runtime, timeout)
 
-    async def prepare(self, name: str) -> None:
+    async def prepare(self, name: str, progress: Progress) -> None:
         """Runbook unit off for good, data dir to the etcd user, our unit enabled (not started)."""
         host = self.hosts[name]
+        progress.step(host.label, f"stop, disable and mask the runbook's {self.unit}")
         await systemd.retire(host, self.unit)
-        user = self.paths.user
-        await host.run(["chown", "-R", f"{user}:{user}", "--", str(self.paths.data_dir)])
+        user, data_dir = self.paths.user, self.paths.data_dir
+        progress.step(host.label, f"give {data_dir} to user {user} (kept in place)")
+        await host.run(["chown", "-R", f"{user}:{user}", "--", str(data_dir)])
         await systemd.enable(host, self.paths.unit.name)
 
-    async def take_over(self, runtime: SystemdRuntime, name: str) -> None:
-        await self.prepare(name)
+    async def take_over(self, runtime: SystemdRuntime, name: str, progress: Progress) -> None:
+        await self.prepare(name, progress)
+        progress.step(runtime.label(name), f"start {self.paths.unit.name}")
         await runtime.restart(name)  # starts it, and returns once etcd reported ready
 
     # --- the end: CA keys off the members ----------------------------------------------------
