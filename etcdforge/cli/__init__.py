@@ -31,6 +31,7 @@ COMMANDS = {
     "defrag": "etcdforge.cli.maintenance:defrag_cmd",
     "restore": "etcdforge.cli.restore:restore_cmd",
     "recover": "etcdforge.cli.restore:recover_cmd",
+    "adopt": "etcdforge.cli.adopt:adopt_cmd",
 }
 
 

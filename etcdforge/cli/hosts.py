@@ -18,6 +18,7 @@ from etcdforge.cli.upgrade import print_outcome
 
 if TYPE_CHECKING:
     from etcdforge.ops.apply import ApplyResult
+    from etcdforge.ops.convert_report import AdoptionReport
     from etcdforge.ops.target import Selection
 
 
@@ -50,6 +51,10 @@ def plan_cmd(selection: Selection, allow_even: bool) -> None:
         return
     for message in (*result.warnings, *result.advisories):
         warn(message)
+    if result.adoption is not None:
+        from etcdforge.cli.adopt import print_report
+
+        print_report(result.adoption)
     _print_plan(result)
 
 
@@ -92,13 +97,28 @@ def apply_cmd(
     wait_lock: float,
 ) -> None:
     """Deploy or converge the cluster on its hosts over SSH, then wait until it is healthy;
-    members added to or removed from the spec join or leave it one at a time."""
+    members added to or removed from the spec join or leave it one at a time.
+
+    An adopted cluster is converted first, one member at a time; before that, `apply` shows
+    who is connected to the plain-http listener it drops and asks (unless --yes).
+    """
+    from etcdforge.cli.adopt import confirm_conversion
     from etcdforge.ops.apply import apply
 
     options = member_options(selection, None, allow_even, yes, purge_data)
     with exclusive(selection, wait_lock) as board:
+
+        def ask(report: AdoptionReport) -> None:
+            with board.paused():
+                confirm_conversion(report)
+
         result = apply(
-            selection, progress=board, timeout=timeout, allow_even=allow_even, options=options
+            selection,
+            progress=board,
+            timeout=timeout,
+            allow_even=allow_even,
+            options=options,
+            confirm=None if yes else ask,
         )
     for message in (*result.warnings, *(result.advisories if result.upgrade else ())):
         warn(message)

@@ -27,7 +27,9 @@ def removal_options(func: F) -> F:
         help="Delete the data dir of a member that leaves (default: renamed aside).",
     )(func)
     return click.option(
-        "--yes", is_flag=True, help="Remove members the spec no longer lists without asking."
+        "--yes",
+        is_flag=True,
+        help="Do not ask: remove members the spec dropped, convert an adopted cluster.",
     )(func)
 
 

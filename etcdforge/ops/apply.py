@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from etcdforge import advisories, snapshot
 from etcdforge import release as releases
+from etcdforge.adoption import Adoption, read_adoption
 from etcdforge.binaries import EtcdBinary, check_version, format_version
 from etcdforge.errors import SpecError
 from etcdforge.host_logins import close_all, connect_all
@@ -43,8 +45,10 @@ from etcdforge.ops.admin_state import (
     record_step,
     state_dir_steps,
 )
-from etcdforge.ops.certs import cluster_pki_steps
+from etcdforge.ops.cert_import import pki_steps
 from etcdforge.ops.cluster_versions import live_path
+from etcdforge.ops.convert import Conversion, MemberState, Phase, reach_data_step
+from etcdforge.ops.convert_report import AdoptionReport, conversion_report
 from etcdforge.ops.desired import Desired, desired, service_action
 from etcdforge.ops.health import HEALTH_TIMEOUT
 from etcdforge.ops.host_services import converge_services, upgrade_run
@@ -65,6 +69,9 @@ from etcdforge.services.runtime import ActionKind, ServiceAction
 from etcdforge.services.systemd import SystemdRuntime, unit_name
 from etcdforge.spec import ClusterSpec, EtcdSpec, HostPathsSpec, MemberSpec
 from etcdforge.upgrade_path import UpgradePath
+
+#: Shown an adopted cluster's conversion before anything changes; raises to stop it.
+Confirm = Callable[[AdoptionReport], None]
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class ApplyResult(Deployment):
     upgrade: UpgradeOutcome | None = None
     advisories: tuple[str, ...] = ()  # what affects the running and the target versions
     membership: tuple[str, ...] = ()  # membership changes done, or planned with why (plan)
+    adoption: AdoptionReport | None = None  # an adopted cluster: findings, conversion, clients
 
     @property
     def changed_anything(self) -> bool:
@@ -125,8 +133,11 @@ def apply(
     allow_even: bool = False,
     etcd: EtcdSpec | None = None,
     options: MemberOptions = CAUTIOUS,
+    confirm: Confirm | None = None,
 ) -> ApplyResult:
-    """`etcd` replaces the spec's etcd section: `upgrade --to` on hosts."""
+    """`etcd` replaces the spec's etcd section: `upgrade --to` on hosts. `confirm`, for an
+    adopted cluster still to convert: shown the conversion (and who is connected to the
+    plain-http listener it drops) before anything changes; raises to stop."""
     spec, layout, previous = load_host_spec(selection, allow_even)
     if etcd is not None:
         spec = spec.model_copy(update={"etcd": etcd})
@@ -137,6 +148,7 @@ def apply(
     )
     options = dataclasses.replace(options, allow_even=allow_even)
     run = Apply(spec, layout, release, dry_run, progress, timeout, previous, options)
+    run.adoption, run.confirm = read_adoption(layout), confirm
     result = asyncio.run(run.converge(previous))
     versions = [*result.path.running.values()] if result.path else []
     return ApplyResult(
@@ -148,22 +160,29 @@ def apply(
         hosts=result.hosts,
         warnings=((warning,) if warning else ()) + result.members.warnings,
         membership=result.members.steps,
+        adoption=run.report,
         upgrade=result.upgrade,
         advisories=tuple(advisories.notes([*versions, release.version])),
     )
 
 
 async def probe_all(
-    spec: ClusterSpec, hosts: dict[str, Host], token: str | None
+    spec: ClusterSpec,
+    hosts: dict[str, Host],
+    token: str | None,
+    takeover: Mapping[str, int] | None = None,
 ) -> dict[str, preflight.HostFacts]:
-    """Probe and check every host; the first refusal (naming the others) stops everything."""
+    """Probe and check every host; the first refusal (naming the others) stops everything.
+
+    `takeover`: the pid of the adopted etcd each member still runs (its ports and data are ours).
+    """
     paths = spec.host_paths
     facts: dict[str, preflight.HostFacts] = {}
 
     async def one(member: MemberSpec) -> None:
         host = hosts[member.name]
         found = await preflight.probe(host, paths)
-        preflight.check(host, member, paths, found, token)
+        preflight.check(host, member, paths, found, token, (takeover or {}).get(member.name))
         facts[member.name] = found
 
     await fan_out(spec.members, lambda m: hosts[m.name].label, one)
@@ -182,6 +201,9 @@ class Apply:
     timeout: float
     previous: ClusterRecord | None = None
     options: MemberOptions = CAUTIOUS
+    adoption: Adoption | None = None  # an adopted cluster (`ops.convert` until converted)
+    confirm: Confirm | None = None
+    report: AdoptionReport | None = None
 
     async def converge(self, previous: ClusterRecord | None) -> Converged:
         token = previous.token if previous is not None else None
@@ -190,7 +212,10 @@ class Apply:
         leaving: dict[str, tuple[Host, HostPathsSpec]] = {}
         try:
             self.progress.phase("preflight")
-            facts = await probe_all(self.spec, hosts, token)
+            conversion = self.conversion(hosts)
+            states = await conversion.survey() if conversion else {}
+            takeover = {n: s.runbook_pid for n, s in states.items() if s.runbook_pid}
+            facts = await probe_all(self.spec, hosts, token, takeover)
             switch = HostSwitch(hosts, self.spec.host_paths, self.release.tag)
             path = await self.version_path(previous, switch)
             members = MembershipResult()
@@ -201,19 +226,25 @@ class Apply:
                 members = await self.membership(hosts, facts, leaving)
                 members = dataclasses.replace(members, warnings=(*notes, *members.warnings))
             record = self.record(token or new_token(self.spec.name))
+            await self.show_adoption(record, hosts, conversion, states)
             self.progress.phase("admin PKI")
             admin = self.admin_pki(record)
             wants = {m.name: self.desired(m, record) for m in self.spec.members}
             self.progress.phase("files")
-            changes = await self.files(hosts, facts, wants)
+            changes = await self.files(hosts, facts, wants, states)
             runtime = SystemdRuntime(hosts, unit_name(self.spec.host_paths))
-            actions = await self.service_actions(runtime, wants)
+            found = await self.service_actions(runtime, wants)
+            actions = conversion.actions(states, found) if conversion else found
             actions.update({name: None for name in members.joining})  # they join as learners
             upgrade = upgrade_run(
                 record, runtime, switch, path, self.tools, self.progress, self.timeout
             )
             if self.dry_run:
                 outcome = await upgrade.plan() if upgrade is not None else None
+            elif conversion:
+                self.progress.phase("services")
+                await conversion.run(record, runtime, found, self.progress, self.timeout)
+                outcome = None
             else:
                 self.progress.phase("services")
                 outcome = await converge_services(
@@ -291,6 +322,27 @@ class Apply:
         version = self.release.version
         return desired(self.spec, self.layout, member, record.token, state, version=version)
 
+    def conversion(self, hosts: dict[str, Host]) -> Conversion | None:
+        if self.adoption is None or self.adoption.converted:
+            return None
+        return Conversion(self.adoption, hosts, self.spec.host_paths, self.layout)
+
+    async def show_adoption(
+        self,
+        record: ClusterRecord,
+        hosts: dict[str, Host],
+        conversion: Conversion | None,
+        states: Mapping[str, MemberState],
+    ) -> None:
+        """`plan` of an adopted cluster reports it; `apply` shows a conversion to `confirm`."""
+        asking = conversion is not None and self.confirm is not None and not self.dry_run
+        if self.adoption is None or not (self.dry_run or asking):
+            return
+        reasons = {n: conversion.reason(s) for n, s in states.items()} if conversion else {}
+        self.report = await conversion_report(self.adoption, record, hosts, states, reasons)
+        if asking and self.confirm is not None:
+            self.confirm(self.report)
+
     def wants(self, token: str) -> dict[str, Desired]:
         """What every host holds for a cluster with `token` whose members all start as one new
         cluster (a restore rebuilds every member)."""
@@ -309,7 +361,7 @@ class Apply:
     def admin_pki(self, record: ClusterRecord) -> PlanResult:
         steps = [
             *state_dir_steps(self.layout),
-            *cluster_pki_steps(self.spec, self.layout),
+            *pki_steps(self.spec, self.layout),  # an imported PKI is verified, never reissued
             record_step(self.layout, record),
         ]
         return execute(steps, self.progress, self.dry_run, where="admin")
@@ -319,12 +371,18 @@ class Apply:
         hosts: dict[str, Host],
         facts: dict[str, preflight.HostFacts],
         wants: dict[str, Desired],
+        states: Mapping[str, MemberState] | None = None,
     ) -> dict[str, tuple[str, ...]]:
+        paths = self.spec.host_paths
+
         async def one(member: MemberSpec) -> tuple[str, ...]:
             host = hosts[member.name]
+            state = (states or {}).get(member.name)
+            taking_over = state is not None and state.phase is not Phase.CONVERTED
             steps = host_steps(
-                self.spec, host, facts[member.name], self.release, wants[member.name]
+                self.spec, host, facts[member.name], self.release, wants[member.name], taking_over
             )
+            steps += [reach_data_step(host, paths)] if taking_over else []
             result = await execute_async(steps, self.progress, self.dry_run, where=host.label)
             return result.pending if self.dry_run else result.changed
 

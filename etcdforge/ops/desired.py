@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 from etcdforge import render
 from etcdforge.binaries import Version
 from etcdforge.layout import StateLayout
+from etcdforge.ops.cert_import import peer_allowed_cn
 from etcdforge.release import Release, version_dir
 from etcdforge.services import systemd
 from etcdforge.services.runtime import ServiceAction
@@ -44,12 +45,14 @@ def desired(
     `version`: the release the member runs (which corruption checks it supports)."""
     paths = spec.host_paths
     files = host_member_files(paths)
+    allowed_cn = peer_allowed_cn(layout)  # an imported single-CA PKI: pin the peer port
     settings = render.etcd_settings(
         spec,
         member,
         files,
         token,
         initial_state,
+        peer_allowed_cn=allowed_cn,
         initial_cluster=initial_cluster,
         version=version,
     )

@@ -127,18 +127,23 @@ def host_steps(
     facts: HostFacts,
     release: releases.Release,
     want: Desired,
+    taking_over: bool = False,
 ) -> list[AsyncStep]:
-    """In order: distribution unit off, user, release, directories, PKI, env file, unit."""
+    """In order: distribution unit off, user, release, directories, PKI, env file, unit.
+
+    `taking_over`: the host still runs an adopted member under its own unit, which the rolling
+    conversion switches off (`ops.convert`); until then ours is installed but not enabled.
+    """
     paths = spec.host_paths
     steps: list[AsyncStep] = []
     distro = facts.distro
     if distro.fragment and distro.fragment != str(paths.unit) and distro.switched_on:
-        steps.append(_distro_step(host, paths.unit.name, distro.fragment))
+        steps += [] if taking_over else [_distro_step(host, paths.unit.name, distro.fragment)]
     steps.append(_user_step(host, paths))
     steps += _release_steps(host, paths, release)
     steps.append(_dirs_step(host, paths))
     steps += _file_steps(host, paths, want)
-    steps += _unit_steps(host, paths)
+    steps += _unit_steps(host, paths, enable=not taking_over)
     return steps
 
 
@@ -183,21 +188,23 @@ def _file_steps(host: Host, paths: HostPathsSpec, want: Desired) -> list[AsyncSt
     return steps
 
 
-def _unit_steps(host: Host, paths: HostPathsSpec) -> list[AsyncStep]:
+def _unit_steps(host: Host, paths: HostPathsSpec, enable: bool = True) -> list[AsyncStep]:
     unit = paths.unit.name
 
     async def reloaded() -> bool:
         state = await systemd.unit_state(host, unit)
         return state.fragment == str(paths.unit) and not state.need_reload
 
-    return [
-        AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host)),
-        AsyncStep(
-            f"enable {unit}",
-            lambda: systemd.is_enabled(host, unit),
-            lambda: systemd.enable(host, unit),
-        ),
-    ]
+    steps = [AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host))]
+    if enable:
+        steps.append(
+            AsyncStep(
+                f"enable {unit}",
+                lambda: systemd.is_enabled(host, unit),
+                lambda: systemd.enable(host, unit),
+            )
+        )
+    return steps
 
 
 def _distro_step(host: Host, unit: str, fragment: str) -> AsyncStep:

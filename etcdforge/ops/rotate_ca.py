@@ -24,6 +24,7 @@ import asyncio
 from dataclasses import dataclass, replace
 
 from etcdforge import pki
+from etcdforge.adoption import pending
 from etcdforge.errors import ServiceError
 from etcdforge.ops.apply import apply, load_host_spec
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
@@ -105,6 +106,11 @@ def rotate_ca(
     converge: Converge | None = None
     if record.on_hosts:
         load_host_spec(selection, allow_even=True)  # needs -f, like apply
+        if pending(record.layout) is not None:
+            raise ServiceError(
+                f"cluster {record.name} was adopted and is not converted yet; convert it with "
+                "`etcdforge apply -f FILE` first (rotate-ca rolls etcdforge's own units)"
+            )
         converge = _host_converge(selection, progress, timeout)
     elif not dry_run:
         _require_live(record, timeout)

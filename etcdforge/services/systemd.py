@@ -261,6 +261,13 @@ async def mask_now(host: Host, name: str) -> None:
     await host.run(["systemctl", "mask", "--now", name], timeout=RESTART_TIMEOUT)
 
 
+async def retire(host: Host, name: str) -> None:
+    """Stop, disable and mask a unit whose member etcdforge takes over (an adopted cluster's own
+    unit): it can never start a second etcd on the same data, not even after a reboot."""
+    await host.run(["systemctl", "disable", "--now", "-q", name], timeout=RESTART_TIMEOUT)
+    await host.run(["systemctl", "mask", "-q", name])
+
+
 async def is_off(host: Host, name: str) -> bool:
     """Neither running nor enabled (the distribution's unit, once taken over)."""
     script = '! systemctl is-active -q "$1" && ! systemctl is-enabled -q "$1"'
