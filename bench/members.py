@@ -58,7 +58,11 @@ remote 'systemctl stop etcd && install -d -m 0700 -o etcd -g etcd /var/lib/etcd 
   sed -i "s/^ETCD_INITIAL_CLUSTER_STATE=.*/ETCD_INITIAL_CLUSTER_STATE=existing/" /etc/etcd/etcd.env'
 new=$(etcdctl member add "$NAME" --peer-urls="$PEER" --learner | awk 'NR == 1 {print $2}')
 remote 'systemctl start --no-block etcd'
-for _ in $(seq 3000); do etcdctl member promote "$new" >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 3000); do  # a promote that timed out client-side may still have happened
+  etcdctl member promote "$new" >/dev/null 2>&1 && break
+  etcdctl member list | grep -q "^$new, started, .*, false$" && break
+  sleep 0.2
+done
 for _ in $(seq 3000); do
   etcdctl --endpoints="$ENDPOINT" endpoint health >/dev/null 2>&1 && break; sleep 0.2
 done
@@ -187,6 +191,7 @@ def healthy_without_leading(
 
 
 def run_once(
+    name: str,
     into: Figures,
     command: list[str],
     env: dict[str, str],
@@ -205,6 +210,10 @@ def run_once(
             raise SystemExit(f"{command[0]} failed: {done.stdout}{done.stderr}")
         into.voter.append(watch.wait())
         into.command.append(took)
+        print(
+            f"  {command[0]:<10} voter after {into.voter[-1]:.2f} s, command {took:.2f} s",
+            flush=True,
+        )
         time.sleep(1.0)
     into.stalls.append(load.longest_stall(watch.started - 0.5))
     into.missing += sum(load.missing(endpoints).values())
@@ -253,8 +262,8 @@ def bench(work: Path, runs: int, megabytes: int) -> tuple[Figures, Figures]:
         ours_command = [sys.executable, "-m", "etcdforge", "member", "replace", "etcd-3"]
         ours_command += ["-f", str(spec), "--yes"]
         for _ in range(runs):
-            run_once(floor, ["bash", "-c", FLOOR], floor_env, endpoints, admin, target)
-            run_once(ours, ours_command, env, endpoints, admin, target)
+            run_once("floor", floor, ["bash", "-c", FLOOR], floor_env, endpoints, admin, target)
+            run_once("etcdforge", ours, ours_command, env, endpoints, admin, target)
     return floor, ours
 
 
