@@ -58,9 +58,16 @@ remote 'systemctl stop etcd && install -d -m 0700 -o etcd -g etcd /var/lib/etcd 
   sed -i "s/^ETCD_INITIAL_CLUSTER_STATE=.*/ETCD_INITIAL_CLUSTER_STATE=existing/" /etc/etcd/etcd.env'
 new=$(etcdctl member add "$NAME" --peer-urls="$PEER" --learner | awk 'NR == 1 {print $2}')
 remote 'systemctl start --no-block etcd'
-for _ in $(seq 3000); do etcdctl member promote "$new" >/dev/null 2>&1 && break; sleep 0.2; done
-for _ in $(seq 3000); do
-  etcdctl --endpoints="$ENDPOINT" endpoint health >/dev/null 2>&1 && break; sleep 0.2
+for i in $(seq 3000); do  # a promote that timed out client-side may still have happened
+  etcdctl member promote "$new" >/dev/null 2>&1 && break
+  etcdctl member list | grep -q "^$new, started, .*, false$" && break
+  [ "$i" -lt 3000 ] || { echo "$NAME was never promoted" >&2; exit 1; }
+  sleep 0.2
+done
+for i in $(seq 3000); do
+  ETCDCTL_ENDPOINTS="$ENDPOINT" etcdctl endpoint health >/dev/null 2>&1 && break
+  [ "$i" -lt 3000 ] || { echo "$NAME never became healthy" >&2; exit 1; }
+  sleep 0.2
 done
 """
 
@@ -187,27 +194,49 @@ def healthy_without_leading(
 
 
 def run_once(
+    name: str,
     into: Figures,
     command: list[str],
     env: dict[str, str],
     endpoints: list[str],
     admin: tuple[Path, Path, Path],
     host: Host,
+    verbose: bool = False,
 ) -> None:
     healthy_without_leading(endpoints, admin, endpoints[-1])
     lose(host)
     with WriteLoad(endpoints[:2], admin, f"w{time.monotonic_ns()}", reload=True) as load:
         time.sleep(1.0)
         watch = VoterWatch(endpoints, admin, "etcd-3")
-        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+        code, timeline = timed_run(command, env, watch.started)
         took = time.monotonic() - watch.started
-        if done.returncode != 0:
-            raise SystemExit(f"{command[0]} failed: {done.stdout}{done.stderr}")
+        if code != 0:
+            raise SystemExit(f"{name} failed: {''.join(line for _, line in timeline)}")
         into.voter.append(watch.wait())
         into.command.append(took)
+        print(f"  {name:<10} voter after {into.voter[-1]:.2f} s, command {took:.2f} s")
+        if verbose:
+            for at, line in timeline:
+                print(f"    {at:6.2f} {line.rstrip()}")
         time.sleep(1.0)
     into.stalls.append(load.longest_stall(watch.started - 0.5))
     into.missing += sum(load.missing(endpoints).values())
+
+
+def timed_run(
+    command: list[str], env: dict[str, str], started: float
+) -> tuple[int, list[tuple[float, str]]]:
+    """Run a command; each line it writes to stderr with the time it arrived (its steps)."""
+    proc = subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    timeline = [(time.monotonic() - started, line) for line in proc.stderr]
+    return proc.wait(timeout=LIMIT), timeline
 
 
 def bench(work: Path, runs: int, megabytes: int) -> tuple[Figures, Figures]:
@@ -252,9 +281,10 @@ def bench(work: Path, runs: int, megabytes: int) -> tuple[Figures, Figures]:
         }
         ours_command = [sys.executable, "-m", "etcdforge", "member", "replace", "etcd-3"]
         ours_command += ["-f", str(spec), "--yes"]
-        for _ in range(runs):
-            run_once(floor, ["bash", "-c", FLOOR], floor_env, endpoints, admin, target)
-            run_once(ours, ours_command, env, endpoints, admin, target)
+        for index in range(runs):
+            run_once("floor", floor, ["bash", "-c", FLOOR], floor_env, endpoints, admin, target)
+            first = index == 0  # its steps' timeline shows where the time goes
+            run_once("etcdforge", ours, ours_command, env, endpoints, admin, target, first)
     return floor, ours
 
 

@@ -1,6 +1,7 @@
 """Membership changes on real hosts (systemd + sshd, tests/fleet.py), etcd 3.5.30: grow 3 -> 5
-by adding two hosts, replace a destroyed host by a new one under the same name, shrink 5 -> 3;
-under a write load read back from every member, the CLI killed midway and rerun."""
+by adding two hosts, replace a destroyed host by a new one under the same name, rebuild a member
+whose disk died on its own host, shrink 5 -> 3; under a write load read back from every member,
+the CLI killed midway and rerun."""
 
 from __future__ import annotations
 
@@ -86,6 +87,12 @@ def test_grow_replace_a_destroyed_host_and_shrink(
                 assert "skipped: member etcd-3" in seen  # its etcd could not be stopped
                 done = ok(cli(*replace))
                 assert "member etcd-3 replaced" in done.stdout
+            no_drift(args)
+            # etcd-2's disk dies: rebuilt in place, on the same host.
+            hosts[1].run("systemctl", "stop", "etcd")
+            hosts[1].run("rm", "-rf", "/var/lib/etcd")
+            ok(cli("member", "replace", "etcd-2", *args, "--yes"))
+            assert hosts[1].run("systemctl", "is-enabled", "etcd").stdout.strip() == "enabled"
             no_drift(args)
             # 5 -> 3: etcd-4 and etcd-5 leave; their units stop, their data is set aside.
             args = spec_for(*names(hosts[:2]), ("etcd-3", new))

@@ -116,7 +116,7 @@ def replace_cmd(
         _show(checked.describe())
         click.confirm(f"Replace member {name} of cluster {checked.cluster}?", abort=True, err=True)
     with exclusive(selection, wait_lock) as board:
-        result = replace(selection, name, force, purge_data, board, timeout, allow_even)
+        result = replace(selection, name, force, purge_data, board, timeout, allow_even, checked)
     for message in result.warnings:
         warn(message)
     old = f" (was ID {result.old_id})" if result.old_id else ""

@@ -89,10 +89,9 @@ class HostProvisioner:
                 "removed member, so it cannot rejoin); switch it off by hand"
             )
         host, paths = found
-        unit = systemd.unit_name(paths)
-        state = await systemd.unit_state(host, unit)
-        if state.fragment == str(paths.unit) and (state.running or state.enabled == "enabled"):
-            await systemd.disable_now(host, unit)
+        # Rebuilt in place (`member replace` on the same host): stopped, not disabled, since the
+        # new member starts there at once; a member that leaves for good is disabled too.
+        await systemd.switch_off(host, systemd.unit_name(paths), disable=not self._rebuilt(member))
         args = [str(paths.data_dir), time.strftime("%Y%m%dT%H%M%S")]
         args += ["yes" if purge_data else "no", str(systemd.env_file(paths)), self.token]
         result = await host.run(["sh", "-c", _SET_ASIDE, "sh", *args], check=False)
@@ -100,10 +99,13 @@ class HostProvisioner:
             return f"{host.label}: {last_line(result.err) or 'could not set the data dir aside'}"
         return None
 
+    def _rebuilt(self, member: MemberRecord) -> bool:
+        wanted = next((m for m in self.spec.members if m.name == member.name), None)
+        return wanted is not None and wanted.peer_url == member.peer_url
+
     def _home(self, member: MemberRecord) -> tuple[Host, HostPathsSpec] | None:
         """The host a recorded member ran on: the spec's, unless the spec moved or dropped it."""
-        wanted = next((m for m in self.spec.members if m.name == member.name), None)
-        if wanted is not None and wanted.peer_url == member.peer_url:
+        if self._rebuilt(member):
             return self.hosts[member.name], self.spec.host_paths
         return self.leaving.get(member.name)
 

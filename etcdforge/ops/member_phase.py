@@ -54,10 +54,10 @@ async def converge_membership(
     plan = changes.plan(live, options.allow_even, replacement)
     if dry_run:
         return MembershipResult(tuple(plan.describe()), joining=_joining(plan))
-    await changes.check(plan, live, options, replacement)
+    await changes.check(plan, live, options, replacement)  # refusals before the phase shows
     if plan.changes or changes.leftovers(live, replacement):
         progress.phase("membership")
-    done = await changes.converge(options, replacement)
+    done = await changes.converge(options, replacement, live)
     if replacement is not None:
         clear_replacement(layout)  # converged: the member runs under its new ID
     return MembershipResult(tuple(done), tuple(changes.warnings))

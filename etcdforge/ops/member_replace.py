@@ -122,9 +122,11 @@ def replace(
     progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
     allow_even: bool = False,
+    checked: ReplacePlan | None = None,
 ) -> ReplaceResult:
-    """Check, mark, then let `up`/`apply` remove the old member and add the new one."""
-    checked = plan_replace(selection, name, force)
+    """Check (unless the caller just did: `checked`), mark, then let `up`/`apply` remove the
+    old member and add the new one; they plan every step again from the live member list."""
+    checked = checked or plan_replace(selection, name, force)
     spec, record = _load(selection)
     if not checked.resumed:
         write_replacement(record.layout, checked.replacement)

@@ -131,11 +131,16 @@ class Membership:
     # --- converging -----------------------------------------------------------------------
 
     async def converge(
-        self, options: MemberOptions, replacement: Replacement | None = None
+        self,
+        options: MemberOptions,
+        replacement: Replacement | None = None,
+        live: tuple[LiveMember, ...] | None = None,
     ) -> list[str]:
-        """Make the live members the spec's, one change at a time; returns what was done."""
+        """Make the live members the spec's, one change at a time; returns what was done.
+
+        `live`: the member list just observed, if the caller has it (saves a round)."""
         done: list[str] = []
-        live = await self.observe()
+        live = live if live is not None else await self.observe()
         plan = self.plan(live, options.allow_even, replacement)
         await self.check(plan, live, options, replacement)
         for _ in range(MAX_CHANGES):

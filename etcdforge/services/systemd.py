@@ -257,6 +257,13 @@ async def stop_now(host: Host, name: str) -> None:
     await host.run(["systemctl", "stop", name], timeout=RESTART_TIMEOUT)
 
 
+async def switch_off(host: Host, name: str, disable: bool) -> None:
+    """Stop a member's unit (and disable it, so a reboot does not start it): one round trip,
+    and no error when it is stopped or absent already."""
+    argv = ["systemctl", "disable", "--now", "-q", name] if disable else ["systemctl", "stop", name]
+    await host.run(argv, check=False, timeout=RESTART_TIMEOUT)
+
+
 async def mask_now(host: Host, name: str) -> None:
     await host.run(["systemctl", "mask", "--now", name], timeout=RESTART_TIMEOUT)
 
