@@ -24,12 +24,14 @@ import asyncio
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.rolling import Figures, floor_roll, measure
+from etcdforge.ops.plan import SILENT
 from etcdforge.ops.target import Selection
 from etcdforge.ops.upgrade import UpgradeRequest, upgrade
 from etcdforge.record import ClusterRecord, read_record
@@ -61,6 +63,19 @@ def in_thread(work: Callable[[], object]) -> Callable[[], Awaitable[None]]:
     return run
 
 
+class Timeline:
+    """`--steps`: every phase and step of etcdforge's runs, with its time since the run began."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def phase(self, name: str) -> None:
+        print(f"{time.monotonic() - self.started:6.2f} s  {name}", file=sys.stderr)
+
+    def step(self, where: str, message: str) -> None:
+        print(f"{time.monotonic() - self.started:6.2f} s    {where}: {message}", file=sys.stderr)
+
+
 def deploy(work: Path, server: ReleaseServer, hosts: list[Host]) -> Selection:
     data = host_spec("bench", hosts, server.url(OLD), state_dir=str(work / "state"))
     spec = write_yaml(work / "cluster.yaml", data)
@@ -70,7 +85,11 @@ def deploy(work: Path, server: ReleaseServer, hosts: list[Host]) -> Selection:
     return Selection(file=spec)
 
 
-def bench(work: Path, runs: int) -> tuple[Figures, Figures]:
+def etcdforge_run(selection: Selection, request: UpgradeRequest, steps: bool) -> None:
+    upgrade(selection, request, progress=Timeline() if steps else SILENT)
+
+
+def bench(work: Path, runs: int, steps: bool) -> tuple[Figures, Figures]:
     for version in (OLD, NEW):
         tarball = release_tarball(version)
         if tarball is None:
@@ -89,7 +108,7 @@ def bench(work: Path, runs: int) -> tuple[Figures, Figures]:
         for _ in range(runs):
             measure(record, in_thread(lambda: floor(record, by_name, NEW)), plain)
             floor(record, by_name, OLD)
-            measure(record, in_thread(lambda: upgrade(selection, request)), ours)
+            measure(record, in_thread(lambda: etcdforge_run(selection, request, steps)), ours)
             floor(record, by_name, OLD)
     return plain, ours
 
@@ -109,9 +128,10 @@ def report(plain: Figures, ours: Figures) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="upgrade on 3 hosts: time, stall, lost writes")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", action="store_true", help="print etcdforge's steps, timed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="etcdforge-bench-upgrade-") as tmp:
-        report(*bench(Path(tmp), args.runs))
+        report(*bench(Path(tmp), args.runs, args.steps))
 
 
 if __name__ == "__main__":
