@@ -182,3 +182,6 @@ def test_minor_downgrade_and_a_stale_spec_in_up_are_refused(cluster: LocalCluste
     assert stale.code == 1 and len(stale.stderr.splitlines()) == 1, stale.stderr
     assert f"downgrades are refused: etcd.binary: {binary('3.5.30')} in the spec" in stale.stderr
     assert versions(cluster) == ["3.5.30"] * 3
+    status = cluster.cli("status")
+    assert "warning: etcd 3.5.30 is affected by GHSA-6vch-q96h-7gc3" in status.stderr
+    assert "3.5.33 is the first 3.5 release none of these affects" in status.stderr
