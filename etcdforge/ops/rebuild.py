@@ -51,6 +51,7 @@ from etcdforge.ops.restore import RestoreTarget
 from etcdforge.ops.target import Selection, deployed_spec
 from etcdforge.ops.up import up
 from etcdforge.record import ClusterRecord
+from etcdforge.services import systemd
 from etcdforge.spec import ClusterSpec
 
 #: A restored member also writes a WAL (64 MiB preallocated, and a second segment made ready).
@@ -221,6 +222,11 @@ async def _host_files(
         facts = await _probe(spec, hosts, state, size)
         run_ = Apply(spec, layout, release, False, StepsOnly(progress), 120.0)
         await run_.files(hosts, facts, run_.wants(state.new_token))
+        # A host whose files were lost may still remember the unit as failed (and as a unit
+        # without a file): reload and clear that, so the start below is not refused.
+        unit = systemd.unit_name(spec.host_paths)
+        every = list(hosts.values())
+        await fan_out(every, lambda h: h.label, lambda h: systemd.forget_unit(h, unit))
     finally:
         await close_all(hosts)
 
