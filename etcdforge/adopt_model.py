@@ -354,6 +354,14 @@ def adopted_cluster(
     a CA bundle by its certificates (the PKI layer parses them)."""
     for flag in ("trusted-ca-file", "peer-trusted-ca-file"):
         common(readings, f"the CA (--{flag})", lambda r, f=flag: _ca_id(r, f, ca_fingerprints))
+    first = readings[0]
+    if _ca_id(first, "trusted-ca-file", ca_fingerprints) != _ca_id(
+        first, "peer-trusted-ca-file", ca_fingerprints
+    ):
+        raise AdoptError(
+            f"{first.label}: the peers have a CA of their own (--peer-trusted-ca-file differs "
+            "from --trusted-ca-file); adopt takes the runbook's one-CA clusters only"
+        )
     members = match_members(readings, listing)
     ca_keys = {
         m.name: tuple(p for p in _ca_key_paths(r) if r.files.get(p) is not None)

@@ -184,6 +184,11 @@ def test_what_adopt_refuses(pki_files: dict[str, bytes]) -> None:
     odd = replace(readings[1], files=other_ca)
     with pytest.raises(AdoptError, match=r"disagree on the CA \(--trusted-ca-file\)"):
         adopted_cluster([readings[0], odd, readings[2]], _listing(), ca_fingerprints)
+    peers_apart = [
+        replace(r, argv=(*r.argv, f"--peer-trusted-ca-file={SSL}/peer.pem")) for r in readings
+    ]
+    with pytest.raises(AdoptError, match=r"the peers have a CA of their own"):
+        adopted_cluster(peers_apart, _listing(), ca_fingerprints)
     gone = replace(readings[0], files={**pki_files, f"{SSL}/peer.pem": None})
     with pytest.raises(AdoptError, match=r"/etc/etcd/ssl/peer.pem \(--peer-cert-file of the run"):
         required_files(gone)
