@@ -84,8 +84,14 @@ class Aim:
 
     def seen(self, text: str, now: float) -> None:
         indexes = self.unmatched.get(text)
-        if indexes:  # else a line the calibration did not print (a rerun's own repair step)
-            self._arm(indexes.pop(0), now)
+        if not indexes:
+            return  # a line the calibration did not print (a rerun's own repair step)
+        index = indexes.pop(0)
+        if self.armed is not None and index > self.armed[1].index and now < self.armed[0]:
+            # The armed instant's step ended sooner than in the calibration: kill now, late in
+            # that step, rather than in a later one, whose own points would then be skipped.
+            self.armed = (now, self.armed[1])
+        self._arm(index, now)
 
     def _arm(self, index: int, now: float) -> None:
         point = next((p for p in self.pending if p.index == index), None)

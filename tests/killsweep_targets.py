@@ -114,7 +114,7 @@ class LocalTarget:
 
 
 def _data_dir(path: Path) -> bool:
-    """A member's data dir (etcd's own files) or one kept aside by a restore."""
+    """A member's data dir: etcd's own files, not ours to judge (a restore's aside copy is)."""
     return path.parent.parent.name == "members" and path.name == "data"
 
 

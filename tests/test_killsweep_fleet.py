@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +22,7 @@ from tests.killsweep import Sweep, SweepReport, sweep
 from tests.killsweep_run import Send, signal_at
 from tests.killsweep_targets import HostsTarget
 from tests.load import WriteLoad
+from tests.test_apply import Deployed
 
 pytestmark = pytest.mark.slow
 
@@ -33,23 +32,17 @@ POINTS = 4
 REMOTE = "etcdforge.hosts:SSHHost._exec"
 
 
-@dataclass
-class Deployed:
-    hosts: list[Host]
-    spec: Path
-    state: Path
-    env: dict[str, str]
+def _ok(deployed: Deployed, *args: str) -> None:
+    result = deployed.cli(*args, timeout=600)
+    assert result.code == 0, result.stderr
 
-    @property
-    def args(self) -> list[str]:
-        return ["-f", str(self.spec)]
 
-    def cli(self, *args: str) -> None:
-        result = run_cli(*args, *self.args, env=self.env, timeout=600)
-        assert result.code == 0, result.stderr
+def _args(deployed: Deployed) -> list[str]:
+    return ["-f", str(deployed.spec)]
 
-    def target(self, running: bool = True) -> HostsTarget:
-        return HostsTarget(self.hosts, self.state, running)
+
+def _target(deployed: Deployed, running: bool = True) -> HostsTarget:
+    return HostsTarget(deployed.hosts, deployed.state, running)
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +53,18 @@ def deployed(
     work = tmp_path_factory.mktemp("sweep3")
     data = host_spec("sweep3", fleet3, release_server.url(VERSION), state_dir=str(work / "state"))
     spec = write_yaml(work / "cluster.yaml", data)
-    deployed = Deployed(fleet3, spec, work / "state", {"ETCDFORGE_CACHE_DIR": str(work / "cache")})
+    env = {"ETCDFORGE_CACHE_DIR": str(work / "cache")}
+    first = run_cli("apply", "-f", str(spec), env=env, timeout=600)
+    deployed = Deployed(fleet3, spec, work / "state", env, first)
     try:
-        deployed.cli("apply")
+        assert first.code == 0, first.stderr
         yield deployed
     finally:
-        run_cli("reset", "--purge-data", "--yes", *deployed.args, env=deployed.env, timeout=600)
+        deployed.cli("reset", "--purge-data", "--yes", timeout=600)
 
 
 def _load(deployed: Deployed, prefix: str) -> WriteLoad:
-    target = deployed.target()
+    target = _target(deployed)
     return WriteLoad(target.endpoints, target.admin_files(), prefix, reload=True)
 
 
@@ -80,7 +75,7 @@ def _passed(report: SweepReport) -> None:
 
 def test_apply_after_a_reset(deployed: Deployed) -> None:
     def reset() -> None:
-        deployed.cli("reset")
+        _ok(deployed, "reset")
 
     def check() -> None:
         for host in deployed.hosts:
@@ -91,8 +86,8 @@ def test_apply_after_a_reset(deployed: Deployed) -> None:
         Inside(REMOTE, "during", ".unpack", delay=0.05),  # the release being unpacked
         Inside(REMOTE, "during", "--no-block", delay=0.01),  # members being started
     ]
-    target = deployed.target()
-    args = ["apply", *deployed.args]
+    target = _target(deployed)
+    args = ["apply", *_args(deployed)]
     with _load(deployed, "apply") as load:
         spec = Sweep(args, target, POINTS, load=load, prepare=reset, check=check, planted=planted)
         _passed(sweep(spec))
@@ -111,31 +106,31 @@ def test_certs_rotate_ca(deployed: Deployed) -> None:
     planted = [
         Inside(REMOTE, "during", "systemctl restart", delay=0.2)
     ]  # systemctl restart in flight
-    target = deployed.target()
-    args = ["certs", "rotate-ca", *deployed.args]
+    target = _target(deployed)
+    args = ["certs", "rotate-ca", *_args(deployed)]
     with _load(deployed, "rotate") as load:
         _passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
 
 
 def test_sigterm_stops_apply_between_host_steps(deployed: Deployed) -> None:
     """Hosts work in parallel: each finishes the step it is in, none starts another."""
-    deployed.cli("reset")
+    _ok(deployed, "reset")
     term = Send(signal.SIGTERM)
     stopped = signal_at(
-        ["apply", *deployed.args], lambda line: "write /etc/etcd/pki/ca.crt" in line, term,
+        ["apply", *_args(deployed)], lambda line: "write /etc/etcd/pki/ca.crt" in line, term,
         env=deployed.env,
     )  # fmt: skip
     assert stopped.code == 143, stopped.stderr
     line = next(x for x in stopped.stderr.splitlines() if x.startswith("stopped by SIGTERM"))
     assert "(the steps before it are complete); rerun the same command to continue" in line
-    assert deployed.target().leftovers() == []  # no upload left half-done on any host
-    deployed.cli("apply")
-    assert deployed.target().unhealthy() == []
+    assert _target(deployed).leftovers() == []  # no upload left half-done on any host
+    _ok(deployed, "apply")
+    assert _target(deployed).unhealthy() == []
 
 
 def test_reset_purge_data(deployed: Deployed) -> None:
     def deploy() -> None:
-        deployed.cli("apply")
+        _ok(deployed, "apply")
 
     def check() -> None:
         assert not (deployed.state / "cluster.json").exists()
@@ -148,10 +143,10 @@ def test_reset_purge_data(deployed: Deployed) -> None:
             assert left == "", f"{host.name}: {left}"
 
     planted = [Inside(REMOTE, "during", "rm -rf", delay=0.01)]
-    args = ["reset", "--purge-data", "--yes", *deployed.args]
+    args = ["reset", "--purge-data", "--yes", *_args(deployed)]
     spec = Sweep(
         args,
-        deployed.target(running=False),
+        _target(deployed, running=False),
         POINTS,
         prepare=deploy,
         check=check,
