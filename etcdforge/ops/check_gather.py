@@ -76,7 +76,12 @@ async def gather(record: ClusterRecord, spec: ClusterSpec) -> Facts:
         end = await client.statuses()
     now = utcnow()
     certificates, cert_error = _certificates(record, now)
-    errors = {**cluster.errors, **({"certificates": cert_error} if cert_error else {})}
+    backup_taken, backup_error = _newest_backup(record, spec)
+    errors = {
+        **cluster.errors,
+        **({"certificates": cert_error} if cert_error else {}),
+        **({"backups": backup_error} if backup_error else {}),
+    }
     return Facts(
         cluster=record.name,
         on_hosts=spec.on_hosts,
@@ -92,9 +97,18 @@ async def gather(record: ClusterRecord, spec: ClusterSpec) -> Facts:
         hashes=cluster.hashes,
         hash_errors=cluster.hash_errors,
         certificates=tuple(certificates),
-        newest_backup=newest_backup(record),
+        newest_backup=backup_taken,
         errors=errors,
     )
+
+
+def _newest_backup(
+    record: ClusterRecord, spec: ClusterSpec
+) -> tuple[dt.datetime | None, str | None]:
+    try:
+        return newest_backup(record, spec.backup), None
+    except EtcdforgeError as exc:
+        return None, str(exc)
 
 
 async def _cluster_reads(record: ClusterRecord, client: EtcdClient) -> ClusterReads:

@@ -1,46 +1,51 @@
 """Where `check` reads knowledge owned by other features: security advisories and backups.
 
-HOOK POINTS, one function each, so each feature plugs in here and nowhere else:
-
-- `advisories_for(version)`: the etcd security advisories affecting a running version, each with
-  its first fixed release. The advisory table is built with rolling upgrades; until it is
-  connected this returns [] and the `version-advisories` row says the table is not connected.
-- `newest_backup(record)`: when the newest *verified* backup of the cluster was taken (from
-  `etcdforge backup`). Until backups exist this returns None and `backup-age` warns "no backup".
+- `advisories_for(version)`: the advisories of the upgrade feature's table (`advisories`) that
+  affect a running version; the table also names the first release of the line they all spare.
+- `newest_backup(record, settings)`: when the newest backup at the cluster's backup destination
+  was taken. `etcdforge backup` writes a backup's metadata only after `snapshot status` accepted
+  the whole file, so a backup with metadata whose file has the recorded size counts as verified;
+  reading every byte again would make a cron audit as slow as the backup itself.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from pathlib import Path
 
+from etcdforge import advisories
+from etcdforge.backups import BackupMeta
 from etcdforge.binaries import Version
+from etcdforge.ops.backup import open_dest
+from etcdforge.ops.backup_dest import LocalDestination
 from etcdforge.record import ClusterRecord
+from etcdforge.spec import BackupSpec
 
 #: The newest etcd minor line. etcd maintains the current minor and the previous one: "when v3.6
 #: is released, v3.4 goes out of support" (https://etcd.io/docs/v3.6/op-guide/versioning/).
 CURRENT_MINOR = (3, 6)
-#: False until the advisory table is connected: the row then says so instead of "none known".
-ADVISORIES_CONNECTED = False
 
 
-@dataclass(frozen=True)
-class Advisory:
-    """One security advisory that affects a running version."""
-
-    id: str  # CVE-... or GHSA-...
-    summary: str
-    fixed_in: str  # the first release with the fix on the running minor line, e.g. "3.5.33"
+def advisories_for(version: Version) -> list[advisories.Finding]:
+    """The table's advisories that affect `version`."""
+    return advisories.findings(version)
 
 
-def advisories_for(version: Version) -> list[Advisory]:
-    """HOOK (advisory table): advisories affecting `version`; [] until the table is connected."""
-    del version
-    return []
+def newest_backup(record: ClusterRecord, settings: BackupSpec) -> dt.datetime | None:
+    """When the newest verified backup of the cluster was taken (aware UTC), or None when there
+    is none. Raises EtcdforgeError when the destination cannot be read."""
+    destination = open_dest(record, settings, None)
+    try:
+        found = destination.entries(record.name)
+        if isinstance(destination, LocalDestination):
+            found = [m for m in found if _intact(destination.directory, m)]
+    finally:
+        destination.close()
+    return found[-1].time if found else None
 
 
-def newest_backup(record: ClusterRecord) -> dt.datetime | None:
-    """HOOK (`etcdforge backup`): when the newest verified backup was taken (aware UTC), or
-    None when there is none; None until backups are connected."""
-    del record
-    return None
+def _intact(directory: Path, meta: BackupMeta) -> bool:
+    try:
+        return (directory / meta.file).stat().st_size == meta.size
+    except OSError:
+        return False

@@ -3,8 +3,8 @@
 Sources, as cited on each check:
 
 - Versions: etcdforge's own release policy (`binaries.check_version`: known-bad 3.5.0-3.5.2 and
-  etcd's production minimums, never restated here), the advisory table (hook:
-  `ops.check_sources.advisories_for`), etcd's support policy (the current and the previous minor
+  etcd's production minimums, never restated here), the advisory table
+  (`advisories`, shared with `upgrade`), etcd's support policy (the current and the previous minor
   line; etcd docs op-guide/versioning).
 - Health: `/health` and Maintenance.Status of every member; one leader; an odd voter count (etcd
   FAQ "Why an odd number of cluster members?"); a learner is ready once its raft index reaches
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from etcdforge.advisories import clean_from, remedy
 from etcdforge.binaries import check_version, format_version, parse_version, version_problem
 from etcdforge.client import EndpointStatus
 from etcdforge.errors import BinaryError
@@ -31,7 +32,7 @@ from etcdforge.ops.check_model import (
     per_member,
     warned,
 )
-from etcdforge.ops.check_sources import ADVISORIES_CONNECTED, CURRENT_MINOR, advisories_for
+from etcdforge.ops.check_sources import CURRENT_MINOR, advisories_for
 from etcdforge.ops.preflight import MAX_CLOCK_SKEW
 
 LEARNER_READY = 0.9
@@ -64,15 +65,20 @@ def known_bad(member: MemberFacts, facts: Facts) -> Verdict:
 
 
 def advisories(member: MemberFacts, facts: Facts) -> Verdict:
+    """A warning, not a failure: the cluster serves correctly today, and the fix is a patch
+    upgrade the operator schedules (a known-bad release is `version-known-bad`'s failure)."""
     version = parse_version(facts.member_version(member.name))
     found = advisories_for(version)
-    if found:
-        listed = "; ".join(f"{a.id} {a.summary} (fixed in {a.fixed_in})" for a in found)
-        latest = max((a.fixed_in for a in found), key=parse_version)
-        return failed(listed, f"upgrade to etcd {latest} or later")
-    if not ADVISORIES_CONNECTED:
-        return passed(f"etcd {format_version(version)}: no advisory table connected yet")
-    return passed(f"etcd {format_version(version)}: no known advisory")
+    if not found:
+        return passed(f"etcd {format_version(version)}: no known advisory")
+    listed = "; ".join(f"{f.advisory.name} ({remedy(f.advisory, version)})" for f in found)
+    clean = clean_from(version)
+    target = (
+        f"etcd {format_version(clean)} or later"
+        if clean is not None
+        else f"a newer minor line than {version[0]}.{version[1]}"
+    )
+    return warned(listed, f"upgrade to {target}: `etcdforge upgrade --to VERSION`")
 
 
 def mixed_versions(facts: Facts) -> Verdict:
@@ -202,7 +208,7 @@ CLUSTER_CHECKS: Sequence[Check] = (
     Check(
         "version-advisories",
         "no security advisory open",
-        "etcd security advisories (table: ops.check_sources.advisories_for)",
+        "etcd security advisories and data-loss fixes (table: advisories.ADVISORIES)",
         per_member(advisories),
     ),
     Check("version-mixed", "one etcd release", ETCD_VERSIONING, for_cluster(mixed_versions)),

@@ -14,7 +14,7 @@ Sources, as cited on each check:
 - Consistency: HashKV of every member at one revision, compared as etcd's own corruption
   checker does: hashes taken at the same compact revision must be equal.
 - Certificates: `etcdforge certs check` (`ops.cert_check`), one row per certificate.
-- Backups: the newest verified backup (hook: `ops.check_sources.newest_backup`).
+- Backups: the newest verified backup at the spec's destination (`ops.check_sources.newest_backup`).
 """
 
 from __future__ import annotations
@@ -198,6 +198,10 @@ def _cert_verdict(row: CertRow, facts: Facts) -> Verdict:
 
 def backup_age(facts: Facts) -> Verdict:
     taken = facts.newest_backup
+    if "backups" in facts.errors:
+        return warned(
+            f"backups not listed: {facts.errors['backups']}", "check the backup destination"
+        )
     if taken is None:
         return warned("no verified backup found", "take one with `etcdforge backup`; run it daily")
     age = facts.now - taken
@@ -248,7 +252,7 @@ DATA_CHECKS: Sequence[Check] = (
     Check(
         "backup-age",
         "a verified backup within 25 h",
-        "etcdforge backup (hook: newest_backup)",
+        "etcdforge backup: the newest verified backup at the destination",
         for_cluster(backup_age),
     ),
 )
