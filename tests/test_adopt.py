@@ -178,6 +178,17 @@ def test_adopt_then_plan_changes_nothing(adopting: Adopting) -> None:
     assert all("take over from the runbook's etcd.service" in step for step in steps)
     assert "then, all converted and healthy: delete the CA key (" in plan.stdout
     assert plan.stdout.count("): none") == 3  # nobody on the plain-http listeners yet
+    for command in (
+        ["upgrade", "--to", "3.5.30"],
+        ["certs", "rotate-ca"],
+        ["certs", "renew"],
+        ["defrag"],
+        ["member", "replace", adopting.cluster.names[1], "--yes"],
+    ):  # each would work on etcdforge's units, which the runbook's members do not run yet
+        refused = adopting.cli(*command)
+        assert refused.code == 1, (command, refused.stderr)
+        assert "was adopted and is not converted yet" in refused.stderr, command
+        assert "convert it first with `etcdforge apply -f FILE`" in refused.stderr, command
     assert _main_pids(hosts, "etcd.service") == before
 
 

@@ -27,7 +27,7 @@ from etcdforge.fsutil import file_sha256
 from etcdforge.ops import rebuild
 from etcdforge.ops.backup import snapshot_tools
 from etcdforge.ops.plan import SILENT, Progress
-from etcdforge.ops.target import Selection, deployed_spec, record_for
+from etcdforge.ops.target import Selection, deployed_spec, record_to_change
 from etcdforge.record import ClusterRecord, new_token
 
 
@@ -123,7 +123,7 @@ def restore_cluster(
     progress: Progress = SILENT,
 ) -> Restored:
     """Check the backup, then rebuild every member from it; a rerun resumes a killed restore."""
-    record = record_for(selection)
+    record = record_to_change(selection, "restore")
     rebuild.require_spec_file(selection, record)
     work = rebuild.Work(record)
     source = str(file.absolute())

@@ -21,7 +21,7 @@ from etcdforge.ops.health import HEALTH_TIMEOUT, require_healthy
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.rolling import MemberAction, rolling_restart
 from etcdforge.ops.runtime import open_runtime
-from etcdforge.ops.target import Selection, record_for
+from etcdforge.ops.target import Selection, record_to_change
 from etcdforge.record import ClusterRecord
 
 DEFAULT_THRESHOLD = 30.0
@@ -105,7 +105,7 @@ def defrag(
     progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
 ) -> DefragResult:
-    record = record_for(selection)
+    record = record_to_change(selection, "defrag")
     return asyncio.run(_defrag(record, threshold, everything, dry_run, progress, timeout))
 
 

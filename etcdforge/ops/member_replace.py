@@ -34,7 +34,7 @@ from etcdforge.ops.member_plan import plan_membership as plan_changes
 from etcdforge.ops.member_record import read_replacement, write_replacement
 from etcdforge.ops.membership import MemberOptions, observe
 from etcdforge.ops.plan import SILENT, Progress
-from etcdforge.ops.target import Selection, spec_for_up
+from etcdforge.ops.target import Selection, require_converted, spec_for_up
 from etcdforge.ops.up import up
 from etcdforge.record import ClusterRecord
 from etcdforge.spec import ClusterSpec
@@ -153,4 +153,5 @@ def _load(selection: Selection) -> tuple[ClusterSpec, ClusterRecord]:
             f"cluster {spec.name} is not deployed at {layout.root}; nothing to replace "
             f"(`etcdforge {'apply' if spec.on_hosts else 'up'} -f FILE` deploys it)"
         )
+    require_converted(record, "member replace")
     return spec, record

@@ -29,7 +29,7 @@ from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.rolling import followers_first
 from etcdforge.ops.runtime import open_runtime
-from etcdforge.ops.target import Selection, record_for
+from etcdforge.ops.target import Selection, record_to_change
 from etcdforge.record import ClusterRecord
 
 GRPC_OUT_OF_RANGE = 11  # "required revision has been compacted": already compacted that far
@@ -53,7 +53,7 @@ class NoSpaceResult:
 def recover_nospace(
     selection: Selection, progress: Progress = SILENT, timeout: float = HEALTH_TIMEOUT
 ) -> NoSpaceResult:
-    record = record_for(selection)
+    record = record_to_change(selection, "defrag --recover-nospace")
     return asyncio.run(_recover(record, progress, timeout))
 
 

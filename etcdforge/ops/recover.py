@@ -49,7 +49,7 @@ from etcdforge.ops.cluster_restore import (
     read_source,
 )
 from etcdforge.ops.plan import SILENT, Progress
-from etcdforge.ops.target import Selection, deployed_spec, record_for
+from etcdforge.ops.target import Selection, deployed_spec, record_for, record_to_change
 from etcdforge.record import ClusterRecord, new_token
 from etcdforge.services.local import LocalRuntime
 from etcdforge.services.systemd import SystemdRuntime, unit_name
@@ -236,7 +236,7 @@ def recover(
     progress: Progress = SILENT,
 ) -> Restored:
     """Refuse unless quorum is lost; then rebuild every member from the chosen database."""
-    record = record_for(selection)
+    record = record_to_change(selection, "recover")
     rebuild.require_spec_file(selection, record)
     work = rebuild.Work(record)
     key = (

@@ -24,7 +24,6 @@ import asyncio
 from dataclasses import dataclass, replace
 
 from etcdforge import pki
-from etcdforge.adoption import pending
 from etcdforge.errors import ServiceError
 from etcdforge.ops.apply import apply, load_host_spec
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
@@ -38,7 +37,7 @@ from etcdforge.ops.rotation_plan import (
     rotation_dir,
 )
 from etcdforge.ops.runtime import settle_all
-from etcdforge.ops.target import Selection, record_for
+from etcdforge.ops.target import Selection, record_for, require_converted
 from etcdforge.record import ClusterRecord
 from etcdforge.services.local import LocalRuntime
 
@@ -106,11 +105,7 @@ def rotate_ca(
     converge: Converge | None = None
     if record.on_hosts:
         load_host_spec(selection, allow_even=True)  # needs -f, like apply
-        if pending(record.layout) is not None:
-            raise ServiceError(
-                f"cluster {record.name} was adopted and is not converted yet; convert it with "
-                "`etcdforge apply -f FILE` first (rotate-ca rolls etcdforge's own units)"
-            )
+        require_converted(record, "certs rotate-ca")
         converge = _host_converge(selection, progress, timeout)
     elif not dry_run:
         _require_live(record, timeout)

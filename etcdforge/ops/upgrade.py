@@ -28,7 +28,7 @@ from etcdforge.ops.health import HEALTH_TIMEOUT
 from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.switch import LocalSwitch
-from etcdforge.ops.target import Selection, record_for, spec_for_up
+from etcdforge.ops.target import Selection, record_to_change, spec_for_up
 from etcdforge.ops.upgrade_run import UpgradeOutcome, UpgradeRun, clear_progress, read_progress
 from etcdforge.record import ClusterRecord, write_record
 from etcdforge.services.local import LocalRuntime, set_member_binary
@@ -69,7 +69,7 @@ def upgrade(
     progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
 ) -> UpgradeResult:
-    record = record_for(selection)
+    record = record_to_change(selection, "upgrade")
     if record.on_hosts:
         return on_hosts(selection, record, request, dry_run, progress, timeout)
     if request.release is not None or request.sha256 is not None:
