@@ -243,7 +243,6 @@ class Apply:
                 outcome = await upgrade.plan() if upgrade is not None else None
             elif conversion:
                 self.progress.phase("services")
-                await self.first_release(switch)
                 await conversion.run(record, runtime, found, self.progress, self.timeout)
                 outcome = None
             else:
@@ -322,16 +321,6 @@ class Apply:
         state = record.member(member.name).initial_state
         version = self.release.version
         return desired(self.spec, self.layout, member, record.token, state, version=version)
-
-    async def first_release(self, switch: HostSwitch) -> None:
-        """An adopted host has no release of ours yet: point `current` at this one before its
-        member is taken over (the runbook's etcd keeps running on its own binary until then)."""
-        for member in self.spec.members:
-            if await switch.current(member.name) is None:
-                self.progress.step(
-                    switch.hosts[member.name].label, f"point current at {self.release.tag}"
-                )
-                await switch.point(member.name, self.release.tag)
 
     def conversion(self, hosts: dict[str, Host]) -> Conversion | None:
         if self.adoption is None or self.adoption.converted:

@@ -156,12 +156,23 @@ def _user_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
 
 def _release_steps(host: Host, paths: HostPathsSpec, release: releases.Release) -> list[AsyncStep]:
     """The release goes in beside the others; which one runs (`current`) is switched per
-    member in the services phase, right before that member starts or restarts."""
+    member in the services phase, right before that member starts or restarts. A host with no
+    `current` yet (new, rebuilt, or adopted: its etcd runs its own binary) gets it pointed here,
+    so `etcdctl`/`etcdutl` work at once (a restore runs them before any member starts)."""
+
+    async def has_current() -> bool:
+        return await releases.current_version(host, paths) is not None
+
     return [
         AsyncStep(
             f"install etcd {release.tag} into {releases.version_dir(paths, release)}",
             lambda: releases.is_installed(host, paths, release),
             lambda: releases.install(host, paths, release),
+        ),
+        AsyncStep(
+            f"point {paths.releases_dir}/current at {release.tag} (the host's first release)",
+            has_current,
+            lambda: releases.point_current(host, paths, release.tag),
         ),
         AsyncStep(
             f"link {paths.bin_dir}/etcd{{,ctl,utl}} through {paths.releases_dir}/current",
