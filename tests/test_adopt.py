@@ -1,6 +1,6 @@
 """`adopt`, `plan`, `apply` on the seed runbook's cluster, built literally on three test hosts
 (tests/runbook.py), under a writer that uses the runbook's client.pem; then `certs rotate-ca`
-and a release change on the adopted cluster. A fourth host serves the bad inputs.
+and `upgrade` off its known-bad release. A fourth host serves the bad inputs.
 
 The tests run in file order on one cluster: each one starts where the previous one left it.
 """
@@ -298,13 +298,17 @@ def test_rotate_ca_on_the_adopted_cluster(adopting: Adopting) -> None:
     assert "certificates outlive their CA" not in plan.stdout, plan.stdout
 
 
-def test_apply_with_a_fixed_release_converges_the_adopted_cluster(adopting: Adopting) -> None:
-    data = yaml.safe_load(adopting.spec.read_text())
-    data["etcd"] = {"release": adopting.release_server.url("3.5.30")}
-    adopting.spec.write_text(yaml.safe_dump(data, sort_keys=False))
-    result = adopting.cli("apply")
+def test_upgrade_takes_the_adopted_cluster_off_its_known_bad_release(adopting: Adopting) -> None:
+    url = adopting.release_server.url("3.5.30")
+    result = adopting.cli("upgrade", "--to", "3.5.30", "--release", url)
     assert result.code == 0, result.stderr
     rows = json.loads(adopting.cli("status", "-o", "json").stdout)
     assert {r["version"] for r in rows} == {"3.5.30"} and all(r["healthy"] for r in rows)
+    assert "etcd.release" in result.stdout  # the spec line to change, so apply keeps 3.5.30
+    data = yaml.safe_load(adopting.spec.read_text())
+    data["etcd"] = {"release": url}
+    adopting.spec.write_text(yaml.safe_dump(data, sort_keys=False))
     plan = adopting.cli("plan")
     assert "findings: none" in plan.stdout, plan.stdout
+    again = adopting.cli("apply")
+    assert again.code == 0 and "nothing restarted" in again.stdout, again.stdout
