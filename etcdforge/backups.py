@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -103,6 +104,12 @@ class BackupMeta:
 
 def backup_name(cluster: str, taken: dt.datetime, revision: int) -> str:
     return f"{cluster}-{taken.astimezone(dt.UTC).strftime(TIME_FORMAT)}-r{revision}.db"
+
+
+def backup_name_pattern(cluster: str) -> re.Pattern[str]:
+    """The names `backup_name` gives this cluster's snapshots (and no other cluster's, even
+    one whose name starts with this one's)."""
+    return re.compile(rf"{re.escape(cluster)}-\d{{8}}T\d{{6}}Z-r\d+\.db")
 
 
 def meta_path(snapshot_file: Path) -> Path:

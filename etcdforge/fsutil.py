@@ -13,7 +13,8 @@ from pathlib import Path
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 PUBLIC_FILE = 0o644
-TEMP_SUFFIX = re.compile(r"(\d{1,9})\.[a-z0-9_]{8}")  # PID.XXXXXXXX (tempfile.mkstemp's 8)
+#: The end of a temp file's name: `.PID.XXXXXXXX` (tempfile.mkstemp's 8).
+TEMP_TAIL = re.compile(r"\.(\d{1,9})\.[a-z0-9_]{8}$")
 
 
 def ensure_dir(path: Path, mode: int = PRIVATE_DIR) -> Path:
@@ -68,12 +69,12 @@ def drop_stale_temps(path: Path) -> None:
     """Remove the temp files of `path` that a killed writer left (see `write_temp`)."""
     prefix = f".{path.name}."
     for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
-        found = TEMP_SUFFIX.fullmatch(stale.name.removeprefix(prefix))
-        if found and not _alive(int(found.group(1))):
+        found = TEMP_TAIL.fullmatch(stale.name.removeprefix(prefix[:-1]))
+        if found and not alive(int(found.group(1))):
             stale.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

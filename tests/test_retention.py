@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +14,7 @@ from etcdforge import backups, retention
 from etcdforge.backups import BackupError, BackupMember, BackupMeta
 from etcdforge.client import EndpointStatus
 from etcdforge.ops.backup import pick_source
-from etcdforge.ops.backup_dest import parse_ssh_url
+from etcdforge.ops.backup_dest import LocalDestination, parse_ssh_url
 from etcdforge.ops.backup_schedule import render_service, render_timer
 
 NOW = dt.datetime(2030, 6, 15, 12, 0, tzinfo=dt.UTC)
@@ -110,3 +113,23 @@ def test_units_escape_specifiers_and_carry_the_calendar() -> None:
     timer = render_timer("dev", "*-*-* 02:30:00")
     assert "OnCalendar=*-*-* 02:30:00" in timer and "Persistent=true" in timer
     assert "Unit=etcdforge-backup-dev.service" in timer
+
+
+def test_a_new_backup_clears_what_an_interrupted_one_of_its_cluster_left(tmp_path: Path) -> None:
+    """Sidecars without their snapshot and a dead writer's temp file go; a whole backup, another
+    cluster's files (even one whose name starts with this one's) and a live writer's stay."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    taken = dt.datetime(2026, 12, 3, 13, 0, tzinfo=dt.UTC)
+    whole = backups.backup_name("prod", taken, 7)
+    orphan = backups.backup_name("prod", taken, 9)
+    other = backups.backup_name("prod-1", taken, 9)
+    files = [whole, f"{whole}.json", f"{whole}.sha256", f"{orphan}.json", f"{orphan}.sha256",
+             f".{orphan}.json.{dead.pid}.abcd1234", f".{orphan}.sha256.{os.getpid()}.abcd1234",
+             f"{other}.json", f".{other}.json.{dead.pid}.abcd1234"]  # fmt: skip
+    for name in files:
+        (tmp_path / name).write_text("x")
+    LocalDestination(tmp_path).staging("prod")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    gone = {f"{orphan}.json", f"{orphan}.sha256", f".{orphan}.json.{dead.pid}.abcd1234"}
+    assert left == sorted(set(files) - gone)

@@ -11,6 +11,7 @@ half a backup under a backup's name. Retention lists and deletes on the destinat
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from etcdforge import backups
-from etcdforge.backups import BackupError, BackupMeta
+from etcdforge.backups import META_SUFFIX, SHA_SUFFIX, BackupError, BackupMeta
 from etcdforge.errors import HostError
-from etcdforge.fsutil import PRIVATE_FILE, ensure_dir
+from etcdforge.fsutil import PRIVATE_FILE, TEMP_TAIL, alive, ensure_dir
 from etcdforge.hosts import Host, SSHHost, SSHTarget, last_line
 from etcdforge.snapshot import SnapshotTools
 
@@ -75,7 +76,27 @@ def _clear_staging(directory: Path, cluster: str) -> Path:
     staged = directory / f".{cluster}.backup-staging"
     for leftover in directory.glob(f"{staged.name}*"):
         leftover.unlink(missing_ok=True)
+    _clear_interrupted_stores(directory, cluster)
     return staged
+
+
+def _clear_interrupted_stores(directory: Path, cluster: str) -> None:
+    """A store or a retention removal cut short leaves sidecars without their snapshot, or a
+    sidecar's temp file: never a backup, so removed (the sidecars go in before the snapshot's
+    rename, and out after its removal). Only this cluster's: the lock covers no other."""
+    ours = backups.backup_name_pattern(cluster)
+    for path in directory.glob(f".{glob.escape(cluster)}-*"):
+        tail = TEMP_TAIL.search(path.name)
+        snapshot = path.name[1 : tail.start()] if tail else ""
+        for suffix in (META_SUFFIX, SHA_SUFFIX):
+            snapshot = snapshot.removesuffix(suffix)
+        if tail and ours.fullmatch(snapshot) and not alive(int(tail.group(1))):
+            path.unlink(missing_ok=True)
+    for suffix in (META_SUFFIX, SHA_SUFFIX):
+        for sidecar in directory.glob(f"{glob.escape(cluster)}-*{suffix}"):
+            snapshot = sidecar.name.removesuffix(suffix)
+            if ours.fullmatch(snapshot) and not (directory / snapshot).exists():
+                sidecar.unlink(missing_ok=True)
 
 
 class LocalDestination:
