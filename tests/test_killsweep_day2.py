@@ -97,12 +97,19 @@ def test_member_replace(cluster: LocalCluster) -> None:
 
 def test_defrag(cluster: LocalCluster) -> None:
     target = LocalTarget(cluster)
+    fragmented: dict[str, int] = {}
+
+    def prepare() -> None:  # the same work every round: ~3 MiB each member gives back
+        fragment(cluster, "/sweep/frag")
+        fragmented.update({str(r["name"]): int(r["db_size"]) for r in _status(cluster)})  # type: ignore[call-overload]
 
     def check() -> None:
-        assert all(r["fragmentation"] < 30 for r in _status(cluster))  # type: ignore[operator]
+        # Given back, on every member: the writer's own churn keeps the fragmentation of a
+        # small database noisy, so the sizes are compared rather than the percentage.
+        sizes = {str(r["name"]): int(r["db_size"]) for r in _status(cluster)}  # type: ignore[call-overload]
+        assert all(sizes[n] < fragmented[n] / 2 for n in sizes), (fragmented, sizes)
 
     args = ["defrag", *cluster.args]
-    prepare = lambda: fragment(cluster, "/sweep/frag")  # noqa: E731 -- work for every round
     with _load(target, "defrag") as load:
         # Which member leads (defragmented last, after a hand-off) changes from round to round.
         spec = Sweep(args, target, POINTS, load=load, prepare=prepare, check=check, max_rounds=8)
