@@ -40,6 +40,8 @@ def test_up_gives_three_healthy_members(cluster: LocalCluster) -> None:
         "fragmentation",
         "quota",
         "alarms",
+        "is_learner",
+        "catch_up",
     }
 
 
