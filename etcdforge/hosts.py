@@ -214,6 +214,9 @@ class SSHTarget:
     connect_timeout: float = 10.0
 
 
+MAX_CHANNELS = 8  # concurrent commands on one SSH connection (sshd's MaxSessions is 10)
+
+
 class SSHHost(Host):
     """A host reached with asyncssh: one connection, one channel per command, host key checked."""
 
@@ -221,6 +224,9 @@ class SSHHost(Host):
         super().__init__(target.label, target.sudo)
         self.target = target
         self._conn = connection
+        # sshd refuses channels beyond MaxSessions (10 by default) on one connection: a
+        # phase that checks many steps of one host at once waits for a free channel instead.
+        self._channels = asyncio.Semaphore(MAX_CHANNELS)
 
     @classmethod
     async def connect(cls, target: SSHTarget) -> SSHHost:
@@ -284,9 +290,10 @@ class SSHHost(Host):
         import asyncssh
 
         try:
-            result = await self._conn.run(  # type: ignore[attr-defined]
-                command, input=input, encoding=None, check=False, timeout=timeout
-            )
+            async with self._channels:
+                result = await self._conn.run(  # type: ignore[attr-defined]
+                    command, input=input, encoding=None, check=False, timeout=timeout
+                )
         except asyncssh.TimeoutError:
             raise TimeoutError from None
         except (asyncssh.Error, OSError) as exc:

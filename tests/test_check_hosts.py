@@ -7,6 +7,7 @@ kube-bench does. Then one host's data dir is opened up (`chmod 755`) and only it
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from etcdforge.hosts import SSHHost, SSHTarget
 from tests.apply_helpers import ReleaseServer, host_spec, write_yaml
 from tests.fleet import Host
 from tests.helpers import CLIResult, require_tarball, run_cli
@@ -97,3 +99,21 @@ def test_data_dir_0755_on_one_host_fails_only_there(deployed: Deployed) -> None:
     assert failing == {("cis-1.1.11", "etcd-2"): "fail", **ADVISED}
     assert rows(report)[("cis-1.1.11", "etcd-2")]["fix"] == "chmod 700 /var/lib/etcd"
     assert deployed.check()[0] == 3
+
+
+def test_more_commands_at_once_than_sshd_allows_channels_all_run(deployed: Deployed) -> None:
+    """sshd refuses an 11th concurrent channel on one connection (MaxSessions 10): a burst of
+    commands on one SSHHost waits for free channels instead of failing."""
+    host = deployed.hosts[0]
+    target = SSHTarget(host.name, host.address, host.ssh_port, host.user, host.key_path,
+                       host.known_hosts)  # fmt: skip
+
+    async def burst() -> list[str]:
+        ssh = await SSHHost.connect(target)
+        try:
+            runs = [ssh.run(["sh", "-c", f"sleep 0.3; echo {n}"]) for n in range(24)]
+            return [r.out.strip() for r in await asyncio.gather(*runs)]
+        finally:
+            await ssh.close()
+
+    assert asyncio.run(burst()) == [str(n) for n in range(24)]
