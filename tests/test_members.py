@@ -101,7 +101,9 @@ def test_grow_one_three_five_then_shrink_to_three(tmp_path: Path) -> None:
             kill_cli_at(["up", *cluster.args], lambda line: "catching up" in line)
             learners = [r for r in rows(cluster) if r["is_learner"]]
             assert all(r["catch_up"] is None or 0 <= r["catch_up"] <= 1 for r in learners)
-            ok(cluster.cli("up"))
+            grown = ok(cluster.cli("up"))
+            restarts = [line for line in grown.stderr.splitlines() if "restart" in line]
+            assert restarts == []  # a member joins with the settings `up` renders: no restart
             assert apiserver_endpoints(cluster).count("https://") == 5
             no_drift(cluster)
             # 5 -> 3: asks first (refused without a terminal or --yes), then killed mid-way.

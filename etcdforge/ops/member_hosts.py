@@ -75,7 +75,13 @@ class HostProvisioner:
         host = self.hosts[name]
         execute(member_pki_steps(self.spec, self.layout, member), self.progress, where="admin")
         want = desired(
-            self.spec, self.layout, member, token, "existing", initial_cluster=initial_cluster
+            self.spec,
+            self.layout,
+            member,
+            token,
+            "existing",
+            initial_cluster=initial_cluster,
+            version=self.release.version,  # the settings apply renders: no restart after joining
         )
         steps = host_steps(self.spec, host, self.facts[name], self.release, want)
         await execute_async(steps, self.progress, where=host.label)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from etcdforge import render
+from etcdforge.binaries import Version, parse_version
 from etcdforge.errors import PKIError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write, remove_tree
 from etcdforge.layout import StateLayout
@@ -60,9 +61,15 @@ class LocalProvisioner:
     """`ops.membership.Provisioner` for members that run on this machine."""
 
     def __init__(
-        self, spec: ClusterSpec, layout: StateLayout, runtime: LocalRuntime, progress: Progress
+        self,
+        spec: ClusterSpec,
+        layout: StateLayout,
+        runtime: LocalRuntime,
+        version: Version,
+        progress: Progress,
     ) -> None:
         self.spec, self.layout, self.runtime, self.progress = spec, layout, runtime, progress
+        self.version = version
 
     def data_dir(self, name: str) -> str:
         return str(self.layout.member(name).data_dir)
@@ -87,6 +94,7 @@ class LocalProvisioner:
             initial_state="existing",
             peer_allowed_cn=peer_allowed_cn(self.layout),
             initial_cluster=initial_cluster,
+            version=self.version,  # the settings `up` renders: no restart after joining
         )
         steps = [
             *member_pki_steps(self.spec, self.layout, member),
@@ -110,7 +118,8 @@ def membership(
 ) -> Membership:
     """The membership machinery of a local cluster, saving the record into its state dir."""
     runtime = LocalRuntime(record)
-    provisioner = LocalProvisioner(spec, layout, runtime, progress)
+    version = parse_version(record.version)
+    provisioner = LocalProvisioner(spec, layout, runtime, version, progress)
     return Membership(
         record, spec, runtime, provisioner, lambda r: write_record(layout, r), progress, timeout
     )
