@@ -18,7 +18,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from etcdforge.errors import HostError
 
@@ -214,7 +214,8 @@ class SSHTarget:
     connect_timeout: float = 10.0
 
 
-MAX_CHANNELS = 8  # concurrent commands on one SSH connection (sshd's MaxSessions is 10)
+MAX_CHANNELS = 6  # concurrent commands on one SSH connection (sshd's MaxSessions is 10)
+CHANNEL_RETRIES = 6  # a channel refused for a moment: about 1 s of retries in all
 
 
 class SSHHost(Host):
@@ -291,9 +292,7 @@ class SSHHost(Host):
 
         try:
             async with self._channels:
-                result = await self._conn.run(  # type: ignore[attr-defined]
-                    command, input=input, encoding=None, check=False, timeout=timeout
-                )
+                result = await self._run_channel(command, input, timeout)
         except asyncssh.TimeoutError:
             raise TimeoutError from None
         except (asyncssh.Error, OSError) as exc:
@@ -302,6 +301,23 @@ class SSHHost(Host):
             ) from None
         code = result.exit_status if result.exit_status is not None else 255
         return CommandResult(code, result.stdout or b"", result.stderr or b"")
+
+    async def _run_channel(self, command: str, input: bytes | None, timeout: float) -> Any:
+        """One command on its own channel. sshd counts a channel until its close reaches it,
+        so a burst can find all its sessions taken for a moment: a refused open (the command
+        never started) is retried, briefly and a bounded number of times."""
+        import asyncssh
+
+        for attempt in range(CHANNEL_RETRIES):
+            try:
+                return await self._conn.run(  # type: ignore[attr-defined]
+                    command, input=input, encoding=None, check=False, timeout=timeout
+                )
+            except asyncssh.ChannelOpenError:
+                if attempt == CHANNEL_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         self._conn.close()  # type: ignore[attr-defined]
