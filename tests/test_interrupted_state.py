@@ -61,9 +61,12 @@ def test_a_stop_whose_process_was_gone_is_a_stop_not_a_failed_start(tmp_path: Pa
     gone = 99_999_999  # above pid_max: never a live process
     pid_file.write_text(f"{gone}\n")
     local.stopping_file(pid_file).write_text(f"{gone}\n")
+    half = tmp_path / ".etcd.stopping.99999999.abcdefgh"  # the note's write cut short too
+    half.write_text("half")
     local.settle(pid_file, data_dir)
     assert not pid_file.exists()  # down_reason: "not running", never "exited during start-up"
     assert not local.stopping_file(pid_file).exists()
+    assert not half.exists()  # cleared now: the next stop of this member may be long in coming
 
 
 def test_a_crashed_member_keeps_its_pid_file(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from etcdforge.errors import ServiceError
-from etcdforge.fsutil import PRIVATE_FILE, atomic_write
+from etcdforge.fsutil import PRIVATE_FILE, atomic_write, drop_stale_temps
 from etcdforge.layout import MemberLayout
 from etcdforge.record import ClusterRecord
 from etcdforge.services.runtime import RunningMember
@@ -162,7 +162,11 @@ def _finish_stop(pid: int, data_dir: Path, timeout: float) -> None:
 
 def settle(pid_file: Path, data_dir: Path, timeout: float = STOP_TIMEOUT) -> None:
     """Finish what an earlier, interrupted command began: a stop (see the module docstring), or
-    a start killed between launching etcd and writing its pid file (the pid is recorded now)."""
+    a start killed between launching etcd and writing its pid file (the pid is recorded now).
+    A write of the pid file or the stop note cut short left a temp file: removed here, since
+    the next write of that file may be long in coming."""
+    for path in (pid_file, stopping_file(pid_file)):
+        drop_stale_temps(path)
     _finish_interrupted_stop(pid_file, data_dir, timeout)
     recorded = read_pid(pid_file)
     if recorded is not None and is_our_etcd(recorded, data_dir):
