@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from tests.helpers import etcd_binary, release_tarball, run_cli, spec_data, writ
 from tests.load import WriteLoad
 
 HEALTH_LIMIT = 120.0
+RUNS = itertools.count()
 Restart = Callable[[str], Awaitable[None]]
 
 
@@ -91,7 +93,9 @@ async def etcdforge_roll(record: ClusterRecord, runtime: MemberRuntime) -> None:
 def measure(record: ClusterRecord, roll: Callable[[], Awaitable[None]], into: Figures) -> None:
     layout = record.layout
     admin = (layout.ca_cert, layout.admin_cert, layout.admin_key)
-    with WriteLoad(record.endpoints, admin, f"roll{len(into.stalls)}", reload=True) as load:
+    # A prefix of its own per measurement: a write lost in one run must not hide behind the same
+    # key written by an earlier one.
+    with WriteLoad(record.endpoints, admin, f"roll{next(RUNS)}", reload=True) as load:
         time.sleep(1.0)  # a steady stream before the roll
         started = time.monotonic()
         asyncio.run(roll())

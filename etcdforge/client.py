@@ -26,6 +26,9 @@ from etcdforge.tls import TLSFiles  # noqa: E402
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
 GRPC_NOT_FOUND = 5  # the gateway's `code` for e.g. "etcdserver: requested lease not found"
+GRPC_FAILED_PRECONDITION = 9  # e.g. "etcdserver: authentication is not enabled"
+#: A user name no cluster has: authenticating as it only tells whether auth is enabled.
+AUTH_PROBE_USER = "etcdforge-auth-probe"
 
 
 class EtcdReplyError(EtcdClientError):
@@ -49,10 +52,34 @@ class EndpointStatus:
     healthy: bool = False
     errors: tuple[str, ...] = ()
     error: str | None = None
+    db_size_in_use: int | None = None  # 3.4+: dbSize minus the free pages defrag would drop
+    revision: int | None = None  # the member's current store revision (response header)
+    cluster_id: str | None = None
+    db_size_quota: int | None = None  # 3.6+ reports its quota; older releases do not
+    raft_applied_index: int | None = None
 
     @property
     def is_leader(self) -> bool:
         return self.member_id is not None and self.member_id == self.leader
+
+
+@dataclass(frozen=True)
+class Alarm:
+    member_id: str
+    alarm: str  # "NOSPACE", "CORRUPT"
+
+
+@dataclass(frozen=True)
+class HashKV:
+    """A member's HashKV: equal hashes at one revision (same compaction) mean equal data."""
+
+    hash: int
+    compact_revision: int
+    revision: int
+
+
+def _optional_int(value: object) -> int | None:
+    return int(str(value)) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -120,9 +147,17 @@ class EtcdClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def call(self, endpoint: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def call(
+        self,
+        endpoint: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """POST one request; `timeout` overrides the client's for slow calls (defragment)."""
+        wait: Any = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            response = await self._http.post(f"{endpoint}{path}", json=body or {})
+            response = await self._http.post(f"{endpoint}{path}", json=body or {}, timeout=wait)
         except httpx.HTTPError as exc:
             raise EtcdClientError(describe_error(endpoint, exc)) from None
         try:
@@ -186,10 +221,86 @@ class EtcdClient:
             healthy=healthy and not errors,
             errors=errors,
             error=health_error or ("; ".join(errors) if errors else None),
+            cluster_id=header.get("cluster_id"),
+            revision=int(header.get("revision", 0)),
+            db_size_in_use=_optional_int(payload.get("dbSizeInUse")),
+            db_size_quota=_optional_int(payload.get("dbSizeQuota")),
+            raft_applied_index=_optional_int(payload.get("raftAppliedIndex")),
         )
 
     async def statuses(self) -> list[EndpointStatus]:
         return list(await asyncio.gather(*(self.status(e) for e in self.endpoints)))
+
+    async def alarms(self) -> list[Alarm]:
+        """The cluster's active alarms (NOSPACE, CORRUPT), raised by any member."""
+        body = {"action": "GET"}
+        payload = await self.first_ok(lambda e: self.call(e, "/v3/maintenance/alarm", body))
+        return [
+            Alarm(member_id=str(a.get("memberID", "0")), alarm=str(a.get("alarm", "NONE")))
+            for a in payload.get("alarms", [])
+        ]
+
+    async def hash_kv(
+        self, endpoint: str, revision: int, timeout: float | None = None
+    ) -> HashKV | None:
+        """One member's hash of its MVCC keys up to `revision`; None where the gateway has no
+        HashKV path: it serves /v3/maintenance/hashkv from etcd 3.5.10 on (etcd #16490; measured:
+        3.4.23 and 3.5.1 answer 404)."""
+        body = {"revision": str(revision)}
+        try:
+            payload = await self.call(endpoint, "/v3/maintenance/hashkv", body, timeout=timeout)
+        except EtcdReplyError as exc:
+            if "Not Found" in str(exc) or str(exc).endswith(": 404"):
+                return None
+            raise
+        return HashKV(
+            hash=int(payload.get("hash", 0)),
+            compact_revision=int(payload.get("compact_revision", 0)),
+            revision=revision,
+        )
+
+    async def versions(self, endpoint: str) -> tuple[str, str]:
+        """`/version`: the member's own etcd version and the cluster version it agreed on.
+
+        Plain HTTP on the client port, outside the gRPC gateway: it answers even where etcd
+        auth turns the gateway's requests away.
+        """
+        try:
+            response = await self._http.get(f"{endpoint}/version")
+            payload = response.json()
+            return str(payload["etcdserver"]), str(payload["etcdcluster"])
+        except httpx.HTTPError as exc:
+            raise EtcdClientError(describe_error(endpoint, exc)) from None
+        except (ValueError, KeyError, TypeError):
+            raise EtcdClientError(f"{endpoint}/version: not an etcd version answer") from None
+
+    async def auth_enabled(self, endpoint: str) -> bool:
+        """Whether etcd auth is on: an authentication attempt as a user no cluster has, which
+        only an auth-disabled cluster refuses with FailedPrecondition ("authentication is not
+        enabled"); the password check fails before anything reaches raft.
+
+        Never `/v3/auth/status`: a 3.5 member puts AuthStatus through raft, and every 3.4
+        member of a mixed cluster panics applying it ("not implemented"; measured here).
+        """
+        probe = {"name": AUTH_PROBE_USER, "password": ""}
+        try:
+            await self.call(endpoint, "/v3/auth/authenticate", probe)
+        except EtcdReplyError as exc:
+            return exc.code != GRPC_FAILED_PRECONDITION
+        return True
+
+    async def defragment(self, endpoint: str, timeout: float) -> None:
+        """Rewrite one member's database without its free pages; the member blocks meanwhile."""
+        await self.call(endpoint, "/v3/maintenance/defragment", timeout=timeout)
+
+    async def disarm(self, alarm: Alarm) -> None:
+        body = {"action": "DEACTIVATE", "memberID": alarm.member_id, "alarm": alarm.alarm}
+        await self.first_ok(lambda e: self.call(e, "/v3/maintenance/alarm", body))
+
+    async def compact(self, revision: int, timeout: float) -> None:
+        """Drop history before `revision`; `physical`: return once it is removed from disk."""
+        body = {"revision": str(revision), "physical": True}
+        await self.first_ok(lambda e: self.call(e, "/v3/kv/compaction", body, timeout=timeout))
 
     # --- cluster ----------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 PUBLIC_FILE = 0o644
+#: The end of a temp file's name: `.PID.XXXXXXXX` (tempfile.mkstemp's 8).
+TEMP_TAIL = re.compile(r"\.(\d{1,9})\.[a-z0-9_]{8}$")
 
 
 def ensure_dir(path: Path, mode: int = PRIVATE_DIR) -> Path:
@@ -42,8 +46,13 @@ def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> bool:
 
 
 def write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """A synced temp file beside `path` with its final mode, ready to be renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """A synced temp file beside `path` with its final mode, ready to be renamed over it.
+
+    Its name carries our PID (`.NAME.PID.XXXXXXXX`): a command killed between creating it and the
+    rename leaves it behind, and the next write of the same file removes it once that PID is gone.
+    """
+    drop_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
@@ -54,6 +63,25 @@ def write_temp(path: Path, data: bytes, mode: int) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+def drop_stale_temps(path: Path) -> None:
+    """Remove the temp files of `path` that a killed writer left (see `write_temp`)."""
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
+        found = TEMP_TAIL.fullmatch(stale.name.removeprefix(prefix[:-1]))
+        if found and not alive(int(found.group(1))):
+            stale.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def remove_tree(path: Path) -> None:

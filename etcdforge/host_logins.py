@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from etcdforge.errors import SpecError
+from etcdforge.errors import EtcdforgeError, SpecError
 from etcdforge.hosts import Host, SSHHost, SSHTarget, fan_out
 
 if TYPE_CHECKING:
@@ -55,3 +55,22 @@ async def connect_all(spec: ClusterSpec) -> dict[str, Host]:
 
 async def close_all(hosts: dict[str, Host]) -> None:
     await asyncio.gather(*(h.close() for h in hosts.values()), return_exceptions=True)
+
+
+async def connect_each(spec: ClusterSpec) -> tuple[dict[str, Host], dict[str, str]]:
+    """Log in to every host in parallel, keeping going past failures: a read-only audit reports
+    an unreachable host as a finding instead of stopping. Returns (hosts, member -> error)."""
+
+    async def one(member: MemberSpec) -> Host:
+        return await SSHHost.connect(target_for(member))
+
+    results = await asyncio.gather(*(one(m) for m in spec.members), return_exceptions=True)
+    pairs = list(zip(spec.members, results, strict=True))
+    hosts = {m.name: r for m, r in pairs if isinstance(r, Host)}
+    unexpected = [r for _, r in pairs if isinstance(r, BaseException)]
+    unexpected = [r for r in unexpected if not isinstance(r, EtcdforgeError)]
+    if unexpected:
+        await close_all(hosts)
+        raise unexpected[0]
+    errors = {m.name: str(r) for m, r in pairs if isinstance(r, EtcdforgeError)}
+    return hosts, errors

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from etcdforge.errors import HostError
 
@@ -34,7 +34,7 @@ dst=$1 mode=$2 owner=$3 sum=$4
 dir=$(dirname -- "$dst")
 tmp=$(mktemp "$dir/.$(basename -- "$dst").XXXXXX")
 trap 'rm -f -- "$tmp"' EXIT
-trap 'exit 129' HUP INT TERM
+trap 'exit 129' HUP INT TERM PIPE
 cat > "$tmp"
 got=$(sha256sum < "$tmp"); got=${got%% *}
 if [ "$got" != "$sum" ]; then echo "upload corrupted (sha256 $got, expected $sum)" >&2; exit 4; fi
@@ -42,7 +42,7 @@ chown -- "$owner" "$tmp"
 chmod -- "$mode" "$tmp"
 sync -- "$tmp" 2>/dev/null || true
 mv -f -- "$tmp" "$dst"
-trap - EXIT HUP INT TERM
+trap - EXIT HUP INT TERM PIPE
 """
 
 # sha256, octal mode and owner:group of a regular file; exit 3 when there is none.
@@ -214,6 +214,10 @@ class SSHTarget:
     connect_timeout: float = 10.0
 
 
+MAX_CHANNELS = 6  # concurrent commands on one SSH connection (sshd's MaxSessions is 10)
+CHANNEL_RETRIES = 6  # a channel refused for a moment: about 1 s of retries in all
+
+
 class SSHHost(Host):
     """A host reached with asyncssh: one connection, one channel per command, host key checked."""
 
@@ -221,6 +225,9 @@ class SSHHost(Host):
         super().__init__(target.label, target.sudo)
         self.target = target
         self._conn = connection
+        # sshd refuses channels beyond MaxSessions (10 by default) on one connection: a
+        # phase that checks many steps of one host at once waits for a free channel instead.
+        self._channels = asyncio.Semaphore(MAX_CHANNELS)
 
     @classmethod
     async def connect(cls, target: SSHTarget) -> SSHHost:
@@ -284,9 +291,8 @@ class SSHHost(Host):
         import asyncssh
 
         try:
-            result = await self._conn.run(  # type: ignore[attr-defined]
-                command, input=input, encoding=None, check=False, timeout=timeout
-            )
+            async with self._channels:
+                result = await self._run_channel(command, input, timeout)
         except asyncssh.TimeoutError:
             raise TimeoutError from None
         except (asyncssh.Error, OSError) as exc:
@@ -295,6 +301,23 @@ class SSHHost(Host):
             ) from None
         code = result.exit_status if result.exit_status is not None else 255
         return CommandResult(code, result.stdout or b"", result.stderr or b"")
+
+    async def _run_channel(self, command: str, input: bytes | None, timeout: float) -> Any:
+        """One command on its own channel. sshd counts a channel until its close reaches it,
+        so a burst can find all its sessions taken for a moment: a refused open (the command
+        never started) is retried, briefly and a bounded number of times."""
+        import asyncssh
+
+        for attempt in range(CHANNEL_RETRIES):
+            try:
+                return await self._conn.run(  # type: ignore[attr-defined]
+                    command, input=input, encoding=None, check=False, timeout=timeout
+                )
+            except asyncssh.ChannelOpenError:
+                if attempt == CHANNEL_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         self._conn.close()  # type: ignore[attr-defined]

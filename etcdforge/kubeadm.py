@@ -335,7 +335,9 @@ INSTALLED_OWNER = "root:root"
 _USER_AT = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<rest>[^@\s]+)$")
 
 
-def parse_control_plane(value: str, defaults: dict[str, Any]) -> tuple[str, SSHSpec]:
+def parse_control_plane(
+    value: str, defaults: dict[str, Any], option: str = "--control-plane"
+) -> tuple[str, SSHSpec]:
     """`[user@]host[:port]` (IPv6 as `[addr]:port`) over the --ssh-* defaults, validated as a
     member's `ssh` section is, so both accept and refuse the same things.
 
@@ -343,7 +345,7 @@ def parse_control_plane(value: str, defaults: dict[str, Any]) -> tuple[str, SSHS
     """
     match = _USER_AT.match(value.strip())
     if match is None:
-        raise KubeadmError(f"--control-plane {value!r}: expected [USER@]HOST[:PORT]")
+        raise KubeadmError(f"{option} {value!r}: expected [USER@]HOST[:PORT]")
     fields = dict(defaults)
     if match["user"]:
         fields["user"] = match["user"]
@@ -357,7 +359,7 @@ def parse_control_plane(value: str, defaults: dict[str, Any]) -> tuple[str, SSHS
         host, port = rest, None  # a name, an IPv4 address or a bare IPv6 address
     if port is not None:
         if not port.isdigit():
-            raise KubeadmError(f"--control-plane {value!r}: port {port!r} is not a number")
+            raise KubeadmError(f"{option} {value!r}: port {port!r} is not a number")
         fields["port"] = int(port)
     fields["host"] = host
     try:
@@ -365,8 +367,8 @@ def parse_control_plane(value: str, defaults: dict[str, Any]) -> tuple[str, SSHS
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]) or "value"
-        option = {"user": "user (USER@ or --ssh-user)", "port": "port (:PORT or --ssh-port)"}
+        fields_named = {"user": "user (USER@ or --ssh-user)", "port": "port (:PORT or --ssh-port)"}
         raise KubeadmError(
-            f"--control-plane {value!r}: {option.get(where, where)}: {error['msg']}"
+            f"{option} {value!r}: {fields_named.get(where, where)}: {error['msg']}"
         ) from None
     return host, ssh

@@ -6,6 +6,9 @@
 <state>/members/<name>/pki/     the member's own server/peer keys and the CA certificates
 <state>/members/<name>/data/    etcd data dir (0700), unless the spec's data_dir moves it
 <state>/members/<name>/etcd.flags, etcd.pid, etcd.log
+<state>/members/<name>/etcd.binary  only during an upgrade: the etcd this member starts with
+<state>/upgrade.json            only during an upgrade: its target and the snapshot taken first
+<state>/snapshots/              verified snapshots taken before upgrades (kept)
 ```
 """
 
@@ -70,6 +73,7 @@ class MemberLayout(MemberFiles):
     flags_file = InDir("root", "etcd.flags")
     pid_file = InDir("root", "etcd.pid")
     log_file = InDir("root", "etcd.log")
+    binary_file = InDir("root", "etcd.binary")  # the member's own etcd while an upgrade rolls
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class StateLayout:
 
     cluster_file = InDir("root", "cluster.json")
     members_dir = InDir("root", "members")
+    upgrade_file = InDir("root", "upgrade.json")
+    snapshots_dir = InDir("root", "snapshots")
     # The CA keys live here and nowhere else: members get the CA certificates only.
     ca_cert, ca_key = InDir("pki_dir", "ca.crt"), InDir("pki_dir", "ca.key")
     peer_ca_cert, peer_ca_key = InDir("pki_dir", "peer-ca.crt"), InDir("pki_dir", "peer-ca.key")

@@ -38,6 +38,7 @@ from typing import TypeVar
 from etcdforge.client import EtcdClient, run
 from etcdforge.errors import EtcdClientError, EtcdforgeError
 from etcdforge.fsutil import PRIVATE_FILE, ensure_dir
+from etcdforge.interrupt import checkpoint
 from etcdforge.record import ClusterRecord, read_record
 
 RESERVED_PREFIX = b"/etcdforge/"
@@ -400,5 +401,6 @@ def _poll(attempt: Callable[[], bool], deadline: float, interval: float) -> bool
             return True
         if time.monotonic() + interval > deadline:
             return False
+        checkpoint("while waiting for the lock, before any change")
         time.sleep(interval)
     return False

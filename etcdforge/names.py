@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
@@ -57,6 +57,16 @@ class Named(Protocol):
 
 
 N = TypeVar("N", bound=Named)
+
+
+class Peer(Named, Protocol):
+    @property
+    def peer_url(self) -> str: ...
+
+
+def initial_cluster(members: Iterable[Peer]) -> str:
+    """etcd's --initial-cluster value: `name=peer-url` for each member, comma-separated."""
+    return ",".join(f"{m.name}={m.peer_url}" for m in members)
 
 
 def find_member(members: Sequence[N], name: str) -> N | None:

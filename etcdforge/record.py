@@ -15,7 +15,7 @@ from typing import Any
 from etcdforge.errors import StateError
 from etcdforge.fsutil import PRIVATE_FILE, atomic_write
 from etcdforge.layout import StateLayout
-from etcdforge.names import require_member
+from etcdforge.names import initial_cluster, require_member
 from etcdforge.tls import TLSFiles
 
 RECORD_VERSION = 1
@@ -27,6 +27,9 @@ class MemberRecord:
     client_url: str
     peer_url: str
     data_dir: str
+    #: etcd's initial-cluster-state: "new" for a member that bootstrapped the cluster, "existing"
+    #: for one that joined it later (`member add`); its settings keep saying so.
+    initial_state: str = "new"
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,11 @@ class ClusterRecord:
     @property
     def endpoints(self) -> list[str]:
         return [m.client_url for m in self.members]
+
+    @property
+    def initial_cluster(self) -> str:
+        """The members as etcd's --initial-cluster lists them."""
+        return initial_cluster(self.members)
 
     @property
     def admin_tls(self) -> TLSFiles:

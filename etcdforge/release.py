@@ -9,8 +9,8 @@ machine, so a tarball whose name lies about its version is refused too.
 
 On a host, versions sit side by side in `<releases_dir>/vX.Y.Z/` and one symlink,
 `<releases_dir>/current`, says which one runs; `<bin_dir>/etcd{,ctl,utl}` point through it. The
-switch is a rename of a symlink, so it is atomic, and a rolling upgrade only has to flip it and
-restart members one at a time.
+switch is a rename of a symlink, so it is atomic; a rolling upgrade flips it on one host right
+before that member restarts, never on every host ahead of time.
 """
 
 from __future__ import annotations
@@ -123,8 +123,12 @@ def _fetch(url: str, pin: str | None, cache: Path) -> Release:
     cached = cache / name
     verified = cached.with_name(name + ".sha256")
     if cached.is_file() and verified.is_file():
-        digest = verified.read_text().strip()
-        if (pin is None or digest == pin.lower()) and file_sha256(cached) == digest:
+        # The digest, and the URL whose SHA256SUMS vouched for it: without a pin, a cached
+        # file counts only for the URL it came from (another mirror may serve another file
+        # under the same name).
+        digest, _, source = verified.read_text().strip().partition("\n")
+        trusted = digest == pin.lower() if pin is not None else source == url
+        if trusted and file_sha256(cached) == digest:
             return Release(version, cached, digest, url)
     cache.mkdir(parents=True, exist_ok=True)
     sums_url = url.rsplit("/", 1)[0] + "/SHA256SUMS"
@@ -158,7 +162,7 @@ def _fetch(url: str, pin: str | None, cache: Path) -> Release:
             f"etcd.release {url}: download failed ({exc.__class__.__name__}: {exc}); check the "
             "URL and the network, or give a local file"
         ) from None
-    verified.write_text(expected + "\n")
+    verified.write_text(f"{expected}\n{url}\n")
     return Release(version, cached, expected, url)
 
 
@@ -289,7 +293,7 @@ root=$(dirname -- "$final")
 rm -rf -- "$root"/.unpack.*
 work=$(mktemp -d "$root/.unpack.XXXXXX")
 trap 'rm -rf -- "$work" "$tarball"' EXIT
-trap 'exit 129' HUP INT TERM
+trap 'exit 129' HUP INT TERM PIPE
 tar -xf "$tarball" -C "$work" --no-same-owner --no-same-permissions
 test -x "$work/$top/etcd" || { echo "no $top/etcd in the tarball" >&2; exit 5; }
 chmod -R u=rwX,go=rX "$work/$top"
@@ -324,9 +328,8 @@ def _links(paths: HostPathsSpec) -> list[tuple[str, str]]:
     return [(str(PurePosixPath(paths.bin_dir) / b), str(current / b)) for b in BINARIES]
 
 
-async def is_switched(host: Host, paths: HostPathsSpec, release: Release) -> bool:
-    if await current_version(host, paths) != release.tag:
-        return False
+async def links_in_place(host: Host, paths: HostPathsSpec) -> bool:
+    """`<bin_dir>/etcd{,ctl,utl}` point through `<releases_dir>/current` (whatever it names)."""
     checks = " && ".join(
         f'[ "$(readlink {shlex.quote(link)})" = {shlex.quote(target)} ]'
         for link, target in _links(paths)
@@ -334,19 +337,27 @@ async def is_switched(host: Host, paths: HostPathsSpec, release: Release) -> boo
     return (await host.run(["sh", "-c", checks], check=False)).code == 0
 
 
-async def switch(host: Host, paths: HostPathsSpec, release: Release) -> None:
-    """Point the stable path at this version with one atomic rename of a symlink."""
-    current = PurePosixPath(paths.releases_dir) / "current"
-    script = 'set -eu; ln -sfn -- "$1" "$2.tmp"; mv -Tf -- "$2.tmp" "$2"'
-    await host.run(["sh", "-c", script, "sh", release.tag, str(current)])
+_SWAP_LINK = 'set -eu; ln -sfn -- "$1" "$2.tmp"; mv -Tf -- "$2.tmp" "$2"'
+
+
+async def link_bins(host: Host, paths: HostPathsSpec) -> None:
+    """Point `<bin_dir>/etcd{,ctl,utl}` through `current`: done once, never per version."""
     await host.run(["install", "-d", "-m", "755", str(paths.bin_dir)])
     for link, target in _links(paths):
-        result = await host.run(["sh", "-c", script, "sh", target, link], check=False)
+        result = await host.run(["sh", "-c", _SWAP_LINK, "sh", target, link], check=False)
         if result.code != 0:
             raise HostError(
                 f"{host.label}: cannot link {link} to {target}: {last_line(result.err)}; "
                 "check host_paths.bin_dir"
             )
+
+
+async def point_current(host: Host, paths: HostPathsSpec, tag: str) -> None:
+    """Switch the member to the installed release `tag` (`v3.5.17`): one atomic rename of a
+    symlink, so a start sees the old release or the new one, never neither. The member picks
+    it up on its next start; the other versions stay installed beside it."""
+    current = PurePosixPath(paths.releases_dir) / "current"
+    await host.run(["sh", "-c", _SWAP_LINK, "sh", tag, str(current)])
 
 
 async def our_links(host: Host, paths: HostPathsSpec) -> list[str]:

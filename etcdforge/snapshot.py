@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -25,9 +27,11 @@ from etcdforge.client import EtcdClient, prefix_end
 from etcdforge.errors import EtcdforgeError
 from etcdforge.fsutil import PRIVATE_FILE
 from etcdforge.lock import RESERVED_PREFIX
+from etcdforge.services.local import command_line
 from etcdforge.tls import TLSFiles
 
 TOOL_TIMEOUT = 600.0
+LEFTOVER_TIMEOUT = 5.0
 PAGE_SIZE = 1000
 #: What the Kubernetes docs suggest for a restore under a live control plane: far beyond any
 #: revision a watcher has seen, and everything older marked compacted so watches restart.
@@ -94,9 +98,17 @@ def _env() -> dict[str, str]:
 
 
 def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
+    # Its own session: Ctrl-C stops the command between steps (etcdforge.interrupt), so the
+    # terminal's SIGINT must not kill the tool in the middle of a snapshot or a restore.
     try:
         result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=_env(), check=False
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_env(),
+            check=False,
+            start_new_session=True,
         )
     except OSError as exc:
         raise SnapshotError(f"{argv[0]}: cannot run it for {what} ({exc.strerror})") from None
@@ -113,6 +125,9 @@ def last_error(output: str) -> str:
     for line in reversed(lines):
         if line.startswith("Error:"):
             return line.removeprefix("Error:").strip()
+    for line in lines:  # a Go panic: its first line says why, the stack trace after it does not
+        if line.startswith("panic:"):
+            return line
     for line in reversed(lines):
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
@@ -172,10 +187,39 @@ def features_from_help(text: str) -> RestoreFeatures:
     return RestoreFeatures("--bump-revision" in text, "--mark-compacted" in text)
 
 
+def streaming_path(dest: Path) -> Path:
+    """Where the bytes of a `save` into `dest` arrive while they stream: `save`'s `.part`, in
+    which etcdctl writes its own `.part` first (renamed twice once complete, the same file)."""
+    return dest.with_name(dest.name + ".part.part")
+
+
+def stop_leftover_tools(path: Path) -> None:
+    """SIGKILL any etcdctl/etcdutl still writing `path`: a command killed while one ran leaves
+    it running on (its own session, see `_run`), and two must never write the same file."""
+    found = [pid for pid in _pids() if _tool_on(pid, str(path))]
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + LEFTOVER_TIMEOUT
+    while any(_tool_on(pid, str(path)) for pid in found) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _tool_on(pid: int, path: str) -> bool:
+    argv = command_line(pid)
+    is_tool = bool(argv) and Path(argv[0]).name in ("etcdctl", "etcdutl")
+    return is_tool and pid != os.getpid() and any(path in arg for arg in argv[1:])
+
+
 def save(tools: SnapshotTools, endpoint: str, tls: TLSFiles, dest: Path) -> Path:
     """Stream one member's database to `dest` (0600); a partial file never takes its name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    stop_leftover_tools(part)
     part.unlink(missing_ok=True)
     argv = [
         str(tools.etcdctl),
@@ -215,6 +259,50 @@ def status(tools: SnapshotTools, path: Path) -> SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class KVHash:
+    """One member's hash of its keyspace up to a revision, and where its history starts."""
+
+    endpoint: str
+    hash: int
+    compact_revision: int
+
+
+def hash_kv(
+    tools: SnapshotTools, endpoints: list[str], tls: TLSFiles, revision: int
+) -> list[KVHash]:
+    """`etcdctl endpoint hashkv --rev`: every member hashes the same revision of its keyspace.
+
+    (The JSON gateway's /v3/maintenance/hash is the whole-backend Hash, revision ignored, so it
+    cannot be compared across members that are busy applying writes.)
+    """
+    argv = [
+        str(tools.etcdctl),
+        f"--endpoints={','.join(endpoints)}",
+        f"--cacert={tls.ca}",
+        f"--cert={tls.cert}",
+        f"--key={tls.key}",
+        "--command-timeout=30s",
+        "endpoint",
+        "hashkv",
+        f"--rev={revision}",
+        "-w",
+        "json",
+    ]
+    out = _run(argv, f"hashkv at revision {revision}", timeout=120)
+    try:
+        return [
+            KVHash(
+                endpoint=str(entry["Endpoint"]),
+                hash=int(entry["HashKV"]["hash"]),
+                compact_revision=int(entry["HashKV"].get("compact_revision", 0)),
+            )
+            for entry in json.loads(out)
+        ]
+    except (ValueError, KeyError, TypeError):
+        raise SnapshotError(f"hashkv at revision {revision}: unreadable output") from None
+
+
+@dataclass(frozen=True)
 class RestoredMember:
     """Who a restored data dir belongs to: every member of one restore shares the cluster and
     token, so they agree on one new cluster ID."""
@@ -231,11 +319,15 @@ def restore(
     data_dir: Path,
     member: RestoredMember,
     bump_revision: int = 0,
+    skip_hash_check: bool = False,
 ) -> None:
     """Restore one member's data dir (which must not exist yet) from `snapshot`."""
+    stop_leftover_tools(data_dir)
     if data_dir.exists():
         raise SnapshotError(f"{data_dir}: already exists; a restore needs a fresh data dir")
-    argv = restore_argv(str(tools.restorer), snapshot, data_dir, member, bump_revision)
+    argv = restore_argv(
+        str(tools.restorer), snapshot, data_dir, member, bump_revision, skip_hash_check
+    )
     _run(argv, f"restore of {member.name}")
 
 
@@ -245,8 +337,13 @@ def restore_argv(
     data_dir: PurePath,
     member: RestoredMember,
     bump_revision: int = 0,
+    skip_hash_check: bool = False,
 ) -> list[str]:
-    """The restore command line, for this machine or a host (paths are the tool's side)."""
+    """The restore command line, for this machine or a host (paths are the tool's side).
+
+    `skip_hash_check`: the file is a member's `member/snap/db` copied from its data dir, which
+    has no integrity hash appended (a `snapshot save` file has one).
+    """
     argv = [
         restorer,
         "snapshot",
@@ -260,6 +357,8 @@ def restore_argv(
     ]
     if bump_revision:
         argv += [f"--bump-revision={bump_revision}", "--mark-compacted"]
+    if skip_hash_check:
+        argv.append("--skip-hash-check")
     return argv
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -25,10 +25,10 @@ from etcdforge.errors import SpecError
 from etcdforge.names import HOSTNAME_LABEL as HOSTNAME_LABEL
 from etcdforge.names import SAFE_NAME as SAFE_NAME
 from etcdforge.names import KeyAlgorithm as KeyAlgorithm
+from etcdforge.names import initial_cluster, require_member
 from etcdforge.names import is_hostname as is_hostname
 from etcdforge.names import is_ip as is_ip
 from etcdforge.names import is_loopback as is_loopback
-from etcdforge.names import require_member
 
 MAX_MEMBERS = 7
 DEFAULT_MEMBER_COUNTS = (1, 3, 5, 7)
@@ -173,12 +173,68 @@ class HostPathsSpec(_Strict):
         return value
 
 
+class StorageSpec(_Strict):
+    """How each member keeps its database: rendered into every member's settings.
+
+    Unset fields keep etcd's own defaults (a 2 GiB quota, no auto-compaction); the corruption
+    checks are on wherever the release supports them (see `render.storage_settings`).
+    """
+
+    quota_backend_bytes: int | None = Field(default=None, ge=1 << 20, le=64 << 30)
+    auto_compaction_mode: Literal["periodic", "revision"] | None = None
+    auto_compaction_retention: str | None = Field(
+        default=None, pattern=r"^(\d+|\d+(\.\d+)?(h|m|s))$"
+    )
+    snapshot_count: int | None = Field(default=None, ge=100, le=10_000_000)
+    corruption_checks: bool = True
+
+    @model_validator(mode="after")
+    def _retention_with_mode(self) -> Self:
+        if (self.auto_compaction_mode is None) != (self.auto_compaction_retention is None):
+            raise ValueError(
+                "auto_compaction_mode and auto_compaction_retention go together: set both "
+                "(e.g. periodic and 1h, or revision and 10000) or neither"
+            )
+        if (
+            self.auto_compaction_mode == "revision"
+            and not str(self.auto_compaction_retention).isdigit()
+        ):
+            raise ValueError(
+                f"auto_compaction_retention {self.auto_compaction_retention!r}: revision mode "
+                "keeps a number of revisions; give a whole number such as 10000"
+            )
+        return self
+
+
+class BackupSpec(_Strict):
+    """Where `etcdforge backup` writes and what it keeps; `backup schedule` runs it."""
+
+    # A directory (relative to the spec file) or ssh://user@host[:port]/path; default:
+    # <state>/backups.
+    dest: str | None = None
+    keep_last: int = Field(default=24, ge=1, le=100_000)
+    keep_daily_days: int = Field(default=7, ge=0, le=3650)  # newest of each day, this far back
+    keep_weekly_days: int = Field(default=28, ge=0, le=3650)  # newest of each ISO week
+    schedule: str = Field(default="hourly", min_length=1, max_length=200)  # systemd OnCalendar
+    identity_file: Path | None = None  # for an ssh:// dest; default: agent and ~/.ssh/id_*
+    known_hosts: Path | None = None  # for an ssh:// dest; default: ~/.ssh/known_hosts
+
+    @field_validator("schedule")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if "\n" in value or "\\" in value:
+            raise ValueError(f"{value!r}: give one systemd OnCalendar expression, e.g. daily")
+        return value
+
+
 class ClusterSpec(_Strict):
     name: str = "default"
     members: list[MemberSpec] = Field(min_length=1)
     etcd: EtcdSpec = EtcdSpec()
     host_paths: HostPathsSpec = HostPathsSpec()
     pki: PKISpec = PKISpec()
+    storage: StorageSpec = StorageSpec()
+    backup: BackupSpec = BackupSpec()
     state_dir: Path | None = None
     data_dir: Path | None = None
     cert_dir: Path | None = None
@@ -245,7 +301,7 @@ class ClusterSpec(_Strict):
 
     @property
     def initial_cluster(self) -> str:
-        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        return initial_cluster(self.members)
 
 
 def default_spec(members: int = 3, name: str = "default") -> ClusterSpec:
@@ -293,6 +349,10 @@ def load_spec(path: Path, allow_even: bool = False) -> ClusterSpec:
         value = getattr(spec, key)
         if value is not None and not value.is_absolute():
             spec = spec.model_copy(update={key: (path.parent / value).resolve()})
+    dest = spec.backup.dest
+    if dest is not None and "://" not in dest and not Path(dest).is_absolute():
+        backup = spec.backup.model_copy(update={"dest": str((path.parent / dest).resolve())})
+        spec = spec.model_copy(update={"backup": backup})
     return spec
 
 

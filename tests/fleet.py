@@ -169,6 +169,19 @@ def _release_network(net: Network) -> list[str]:
         return net.teardown()
 
 
+#: Every host's systemd (PID 1, journald, logind, ...) takes inotify instances from root's
+#: per-user budget, shared with the machine: Debian's default of 128 runs out around eight hosts
+#: at once ("Failed to allocate manager object: Too many open files" at boot).
+INOTIFY_INSTANCES = 1024
+INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
+
+
+def ensure_inotify_instances(wanted: int) -> None:
+    """Raise root's inotify instance limit to `wanted` if it is lower (never lowers it)."""
+    if int(INOTIFY_LIMIT.read_text()) < wanted:
+        INOTIFY_LIMIT.write_text(f"{wanted}\n")
+
+
 class Fleet:
     """Starts test hosts, and removes every trace of them on close().
 
@@ -236,6 +249,7 @@ class Fleet:
             t0 = time.monotonic()
             lower = ensure_rootfs(self.cache, lock_timeout=self.lock_timeout)
             self.timings.setdefault("rootfs", time.monotonic() - t0)
+            ensure_inotify_instances(INOTIFY_INSTANCES)
             self._ensure_key()
             if self._net is None:
                 t1 = time.monotonic()

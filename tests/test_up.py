@@ -36,6 +36,12 @@ def test_up_gives_three_healthy_members(cluster: LocalCluster) -> None:
         "raft_term",
         "raft_index",
         "error",
+        "db_in_use",
+        "fragmentation",
+        "quota",
+        "alarms",
+        "is_learner",
+        "catch_up",
     }
 
 

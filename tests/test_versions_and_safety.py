@@ -118,22 +118,3 @@ def test_port_taken_by_another_process_stops_before_any_change(tmp_path: Path) -
             "stop it or give the member other addresses in the spec"
         )
         assert not state.exists()
-
-
-def test_membership_change_through_up_is_refused(cluster_factory: ClusterFactory) -> None:
-    cluster = cluster_factory("grow", count=1)
-    data = dict(cluster.data)
-    data["members"] = [
-        *data["members"],
-        {"name": "m2", "address": "127.0.9.9"},
-        {"name": "m3", "address": "127.0.9.10"},
-    ]
-    cluster.spec_path.write_text(json.dumps(data))
-    result = cluster.cli("up")
-    assert result.code == 1
-    assert (
-        "`up` does not change membership: run `etcdforge down --purge` to start over"
-        in result.stderr
-    )
-    assert len(result.stderr.splitlines()) == 1
-    assert len(etcd_pids_under(cluster.state_dir)) == 1

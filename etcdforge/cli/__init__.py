@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from etcdforge.cli.common import EXIT_ERROR, report_error
+from etcdforge.cli.common import EXIT_ERROR, notice, report_error
+from etcdforge.interrupt import Stopped
 
 #: command name -> "module:attribute"; a command's module is imported only when it runs.
 COMMANDS = {
@@ -21,8 +22,16 @@ COMMANDS = {
     "plan": "etcdforge.cli.hosts:plan_cmd",
     "apply": "etcdforge.cli.hosts:apply_cmd",
     "reset": "etcdforge.cli.hosts:reset_cmd",
+    "upgrade": "etcdforge.cli.upgrade:upgrade_cmd",
+    "member": "etcdforge.cli.members:member_group",
     "certs": "etcdforge.cli.certs:certs_group",
     "kubeadm": "etcdforge.cli.kubeadm:kubeadm_group",
+    "check": "etcdforge.cli.check:check_cmd",
+    "backup": "etcdforge.cli.backup:backup_group",
+    "defrag": "etcdforge.cli.maintenance:defrag_cmd",
+    "restore": "etcdforge.cli.restore:restore_cmd",
+    "recover": "etcdforge.cli.restore:recover_cmd",
+    "adopt": "etcdforge.cli.adopt:adopt_cmd",
 }
 
 
@@ -60,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode click *returns* the code of a command that raised Exit.
         code = cli.main(args=argv, prog_name="etcdforge", standalone_mode=False)
     except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Stopped as exc:  # SIGTERM or Ctrl-C, at a safe point: 128 + the signal, as shells do
+        notice(str(exc))
         sys.exit(exc.exit_code)
     except click.Abort:
         click.secho("aborted", fg="red", err=True)

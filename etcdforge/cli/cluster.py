@@ -18,6 +18,7 @@ from etcdforge.cli.common import (
     timeout_option,
     warn,
 )
+from etcdforge.cli.members import member_options, print_membership, removal_options
 
 if TYPE_CHECKING:
     from etcdforge.ops.status import MemberStatus
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     type=DIRECTORY,
     help="Import an existing cfssl PKI (ca.pem, server.pem, peer.pem, client.pem and keys).",
 )
+@removal_options
 def up_cmd(
     selection: Selection,
     members: int | None,
@@ -42,16 +44,21 @@ def up_cmd(
     dry_run: bool,
     timeout: float,
     pki_dir: Path | None,
+    yes: bool,
+    purge_data: bool,
     wait_lock: float,
 ) -> None:
-    """Create or resume a local mutual-TLS cluster and wait until it is healthy."""
+    """Create or resume a local mutual-TLS cluster and wait until it is healthy; members added
+    to or removed from the spec join or leave it one at a time."""
     from etcdforge.ops.up import up
 
+    options = member_options(selection, members, allow_even, yes or dry_run, purge_data)
     with exclusive(selection, wait_lock, dry_run) as progress:
-        result = up(selection, members, allow_even, dry_run, progress, timeout, pki_dir)
+        result = up(selection, members, allow_even, dry_run, progress, timeout, pki_dir, options)
     for message in result.warnings:
         warn(message)
     if dry_run:
+        print_membership(result.membership, planned=True)
         click.echo(f"cluster {result.cluster}: {len(result.pending)} step(s) would run")
         for title in result.pending:
             click.echo(f"  - {title}")
@@ -63,6 +70,7 @@ def up_cmd(
         click.echo(f"{summary}: started {', '.join(result.started)}; all healthy")
     else:
         click.echo(f"{summary}: updated files; all healthy")
+    print_membership(result.membership)
     click.echo(f'state: {result.state_dir}   next: eval "$(etcdforge env)"; etcdforge status')
 
 
@@ -89,14 +97,19 @@ def down_cmd(selection: Selection, purge: bool, wait_lock: float) -> None:
     "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
 def status_cmd(selection: Selection, output: str) -> None:
-    """Member, endpoint, version, leader, raft term/index, db size, health. Exit 1 if unhealthy."""
-    from etcdforge.ops.status import status
+    """Members: version, leader, raft, db size/in use/fragmentation/quota, alarms, health.
+
+    Exit 1 if any member is unhealthy (a raised alarm makes a member unhealthy).
+    """
+    from etcdforge.ops.status import status, version_advisories
 
     record, rows = status(selection)
     if output == "json":
         click.echo(json.dumps([r.as_json() for r in rows], indent=2))
     else:
         _print_status_table(record.name, rows)
+    for message in version_advisories(rows):
+        warn(message)
     if not all(r.healthy for r in rows):
         raise click.exceptions.Exit(EXIT_ERROR)
 
@@ -105,23 +118,27 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from etcdforge.maintenance import human_size
+
     table = Table(title=f"cluster {cluster}", title_justify="left")
-    for column in ("member", "endpoint", "version", "leader", "term", "index", "db size", "health"):
-        table.add_column(
-            column,
-            justify="right" if column in ("term", "index", "db size") else "left",
-            no_wrap=True,
-        )
+    numbers = ("term", "index", "db size", "in use", "frag", "quota")
+    for column in ("member", "endpoint", "version", "leader", *numbers, "alarms", "health"):
+        table.add_column(column, justify="right" if column in numbers else "left", no_wrap=True)
     for row in rows:
         health = "[green]healthy[/]" if row.healthy else f"[red]{row.error or 'unhealthy'}[/]"
+        frag = f"{row.fragmentation:.0f}%" if row.fragmentation is not None else "-"
         table.add_row(
             row.name,
             row.endpoint,
             row.version or "-",
-            "*" if row.is_leader else "",
+            _role(row),
             str(row.raft_term) if row.raft_term is not None else "-",
             str(row.raft_index) if row.raft_index is not None else "-",
-            _human_size(row.db_size),
+            human_size(row.db_size),
+            human_size(row.db_in_use),
+            frag,
+            human_size(row.quota),
+            f"[red]{', '.join(row.alarms)}[/]" if row.alarms else "-",
             health,
         )
     # A pipe has no width; never truncate an endpoint or an error to fit 80 columns.
@@ -129,15 +146,11 @@ def _print_status_table(cluster: str, rows: list[MemberStatus]) -> None:
     console.print(table)
 
 
-def _human_size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
+def _role(row: MemberStatus) -> str:
+    """`*` for the leader; a learner shows how far it has caught up with the leader."""
+    if row.is_learner:
+        return "learner" + (f" {row.catch_up:.0%}" if row.catch_up is not None else "")
+    return "*" if row.is_leader else ""
 
 
 @click.command("env")

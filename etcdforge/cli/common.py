@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from etcdforge.errors import EtcdforgeError
+from etcdforge.interrupt import stop_at_safe_points
 
 if TYPE_CHECKING:
     from etcdforge.cli.progress import Board
@@ -42,6 +43,11 @@ def report_error(exc: BaseException, debug: bool) -> int:
         )
     click.secho(f"error: {message}", fg="red", err=True)
     return EXIT_ERROR
+
+
+def notice(message: str) -> None:
+    """A line about the command itself (not an error): a stop on its way, where it stopped."""
+    click.secho(message, fg="yellow", err=True)
 
 
 def cluster_options(func: F) -> F:
@@ -126,6 +132,52 @@ def wait_lock_option() -> Callable[[F], F]:
     )
 
 
+def ssh_login_options(func: F) -> F:
+    """--ssh-user/--ssh-port/--ssh-key/--known-hosts/--become/--ssh-timeout: the defaults of
+    every `[USER@]HOST[:PORT]` given on the command line, passed on as `logins` (set ones only),
+    in the keys of a member's `ssh` section."""
+
+    @click.option("--ssh-user", help="Login user where HOST has no USER@  [default: root]")
+    @click.option("--ssh-port", type=int, help="SSH port where HOST has no :PORT  [default: 22]")
+    @click.option(
+        "--ssh-key",
+        type=FILE,
+        help="Identity file (only this key is offered)  [default: agent and ~/.ssh/id_*]",
+    )
+    @click.option(
+        "--known-hosts",
+        type=FILE,
+        help="known_hosts file; host keys are always checked  [default: ~/.ssh/known_hosts]",
+    )
+    @click.option(
+        "--become/--no-become",
+        default=None,
+        help="Run as root with `sudo -n`  [default: when the user is not root]",
+    )
+    @click.option(
+        "--ssh-timeout",
+        type=float,
+        default=10.0,
+        show_default=True,
+        help="Seconds to wait for each SSH login.",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        key, known = kwargs.pop("ssh_key"), kwargs.pop("known_hosts")
+        logins = {
+            "user": kwargs.pop("ssh_user"),
+            "port": kwargs.pop("ssh_port"),
+            "identity_file": key.expanduser().absolute() if key else None,
+            "known_hosts": known.expanduser().absolute() if known else None,
+            "become": kwargs.pop("become"),
+            "connect_timeout": kwargs.pop("ssh_timeout"),
+        }
+        kwargs["logins"] = {k: v for k, v in logins.items() if v is not None}
+        return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def changing_options(func: F) -> F:
     """A command that changes a cluster: how it names the cluster, and `--wait-lock`."""
     return cluster_options(wait_lock_option()(func))
@@ -134,11 +186,11 @@ def changing_options(func: F) -> F:
 @contextlib.contextmanager
 def exclusive(selection: Selection, wait_lock: float, dry_run: bool = False) -> Iterator[Board]:
     """A changing command's context: the cluster's lock held around it (a dry run changes
-    nothing: no lock), and its progress display."""
+    nothing: no lock), its progress display, and SIGTERM/Ctrl-C stopping it between steps."""
     # Imported here, as every command body does: `status` must not pay for what it never uses.
     from etcdforge.cli.progress import Board
 
-    with Board() as board:
+    with stop_at_safe_points(notice), Board() as board:
         if dry_run:
             yield board
             return

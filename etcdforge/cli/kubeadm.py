@@ -17,6 +17,7 @@ from etcdforge.cli.common import (
     changing_options,
     cluster_options,
     exclusive,
+    ssh_login_options,
     warn,
 )
 
@@ -141,30 +142,7 @@ def apiserver_flags_cmd(selection: Selection, paths: Any) -> None:
     show_default=True,
     help="kubeadm's certificatesDir on the control-plane hosts.",
 )
-@click.option("--ssh-user", help="Login user where HOST has no USER@  [default: root]")
-@click.option("--ssh-port", type=int, help="SSH port where HOST has no :PORT  [default: 22]")
-@click.option(
-    "--ssh-key",
-    type=FILE,
-    help="Identity file (only this key is offered)  [default: agent and ~/.ssh/id_*]",
-)
-@click.option(
-    "--known-hosts",
-    type=FILE,
-    help="known_hosts file; host keys are always checked  [default: ~/.ssh/known_hosts]",
-)
-@click.option(
-    "--become/--no-become",
-    default=None,
-    help="Run as root with `sudo -n`  [default: when the user is not root]",
-)
-@click.option(
-    "--ssh-timeout",
-    type=float,
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for each SSH login.",
-)
+@ssh_login_options
 @click.option("--check", is_flag=True, help="Prove the installed files reach every endpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 def certs_cmd(
@@ -172,12 +150,7 @@ def certs_cmd(
     out: Path | None,
     control_planes: tuple[str, ...],
     pki_dir: str,
-    ssh_user: str | None,
-    ssh_port: int | None,
-    ssh_key: Path | None,
-    known_hosts: Path | None,
-    become: bool | None,
-    ssh_timeout: float,
+    logins: dict[str, Any],
     check: bool,
     dry_run: bool,
 ) -> None:
@@ -193,15 +166,7 @@ def certs_cmd(
     if out is None and not control_planes:
         raise click.UsageError("give --out DIR or --control-plane HOST")
     local = [LocalInstallation(out.absolute())] if out is not None else []
-    logins = {
-        "user": ssh_user,
-        "port": ssh_port,
-        "identity_file": ssh_key.expanduser() if ssh_key else None,
-        "known_hosts": known_hosts.expanduser() if known_hosts else None,
-        "become": become,
-        "connect_timeout": ssh_timeout,
-    }
-    targets = _targets(control_planes, {k: v for k, v in logins.items() if v is not None})
+    targets = _targets(control_planes, logins)
     with Board() as board:
         if targets:
             hosts_dir = PurePosixPath(pki_dir)

@@ -8,8 +8,10 @@ line, so logs keep the whole story and `grep` finds a step by its title.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -70,6 +72,18 @@ class Board:
         if self.verbose:
             self.live.console.print(line, style="dim", highlight=False)
         self.live.update(self._render())
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No redrawing while the user answers a question on the terminal."""
+        if self.live is None:
+            yield
+            return
+        self.live.stop()
+        try:
+            yield
+        finally:
+            self.live.start()
 
     # --- rendering --------------------------------------------------------------------------
 

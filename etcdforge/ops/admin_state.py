@@ -1,7 +1,8 @@
 """The admin machine's side of `up` and `apply`: the state directory and the cluster record.
 
 Both commands keep the same state on the admin machine (directories, the PKI, `cluster.json`), so
-the steps that write it, and the rule that neither changes membership, live here once.
+the steps that write it live here once. Membership changes are `ops.membership`'s: by the time
+the record is written here, the live members are the spec's.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from etcdforge.binaries import EtcdBinary, format_version
-from etcdforge.errors import SpecError
 from etcdforge.fsutil import PRIVATE_DIR, ensure_dir
 from etcdforge.layout import StateLayout
 from etcdforge.ops.plan import Step
@@ -60,8 +60,14 @@ def build_record(
     binary: EtcdBinary,
     token: str,
     data_dir: Path | None = None,
+    previous: ClusterRecord | None = None,
 ) -> ClusterRecord:
-    """The record of `spec` deployed; `data_dir` is the one path every host uses, if on hosts."""
+    """The record of `spec` deployed; `data_dir` is the one path every host uses, if on hosts.
+
+    Members keep the initial-cluster-state `previous` records for them: "existing" for those
+    that joined a running cluster.
+    """
+    states = initial_states(spec, previous)
     return ClusterRecord(
         name=spec.name,
         token=token,
@@ -73,6 +79,7 @@ def build_record(
                 m.client_url,
                 m.peer_url,
                 str(data_dir if data_dir is not None else layout.member(m.name).data_dir),
+                states[m.name],
             )
             for m in spec.members
         ),
@@ -81,16 +88,9 @@ def build_record(
     )
 
 
-def _same_members(spec: ClusterSpec, record: ClusterRecord) -> bool:
-    wanted = [(m.name, m.client_url, m.peer_url) for m in spec.members]
-    return wanted == [(m.name, m.client_url, m.peer_url) for m in record.members]
-
-
-def check_against_record(spec: ClusterSpec, record: ClusterRecord | None) -> None:
-    if record is None or _same_members(spec, record):
-        return
-    deployed = ", ".join(f"{m.name}={m.client_url}" for m in record.members)
-    raise SpecError(
-        f"cluster {spec.name} at {record.state_dir} was deployed with members {deployed}; "
-        "`up` does not change membership: run `etcdforge down --purge` to start over"
-    )
+def initial_states(spec: ClusterSpec, previous: ClusterRecord | None) -> dict[str, str]:
+    """Each member's initial-cluster-state: "new" when it bootstraps the cluster, else as
+    recorded, and "existing" for a member the record does not know (it joins)."""
+    known = {(m.name, m.peer_url): m.initial_state for m in previous.members} if previous else {}
+    fallback = "existing" if previous is not None else "new"
+    return {m.name: known.get((m.name, m.peer_url), fallback) for m in spec.members}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +44,30 @@ def import_marker(layout: StateLayout) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def validate_seed(spec: ClusterSpec, directory: Path) -> None:
-    """Refuse a seed PKI that etcd would reject, before anything is copied or started."""
+def validate_seed(
+    spec: ClusterSpec, directory: Path, member_dirs: Mapping[str, Path] | None = None
+) -> None:
+    """Refuse a seed PKI that etcd would reject, before anything is copied or started.
+
+    With `member_dirs` each member's server and peer pair (and a copy of ca.pem) comes from its
+    own directory and is checked against its own address; `directory` holds the CA and client.
+    """
     if not directory.is_dir():
         raise PKIError(f"{directory}: no such directory; pass the directory that holds ca.pem")
-    for role in ("server", "peer", "client", "ca"):
+    shared = ("client", "ca") if member_dirs else ("server", "peer", "client", "ca")
+    _require_files(directory, shared)
+    groups = [(directory, [m.address for m in spec.members])]
+    if member_dirs:
+        groups = [(directory, [])]
+        for member in spec.members:
+            _require_files(member_dirs[member.name], ("server", "peer", "ca"))
+            groups.append((member_dirs[member.name], [member.address]))
+    for source, addresses in groups:
+        _check_entries(source, addresses)
+
+
+def _require_files(directory: Path, roles: Sequence[str]) -> None:
+    for role in roles:
         cert_name, key_name = SEED_FILES[role]
         if not (directory / cert_name).exists():
             raise PKIError(
@@ -56,7 +76,9 @@ def validate_seed(spec: ClusterSpec, directory: Path) -> None:
             )
         if role != "ca" and not (directory / key_name).exists():
             raise PKIError(f"{directory / key_name}: missing; it is the key of {cert_name}")
-    addresses = [m.address for m in spec.members]
+
+
+def _check_entries(directory: Path, addresses: list[str]) -> None:
     entries = seed_entries(directory, addresses)
     wanted = {SEED_FILES[r][0] for r in ("ca", "server", "peer", "client")}
     now = utcnow()
@@ -72,11 +94,12 @@ def validate_seed(spec: ClusterSpec, directory: Path) -> None:
 
 
 def _import_pairs(
-    layout: StateLayout, spec: ClusterSpec, directory: Path
+    layout: StateLayout,
+    spec: ClusterSpec,
+    directory: Path,
+    member_dirs: Mapping[str, Path] | None = None,
 ) -> list[tuple[Path, Path, int]]:
     ca, ca_key = (directory / n for n in SEED_FILES["ca"])
-    server, server_key = (directory / n for n in SEED_FILES["server"])
-    peer, peer_key = (directory / n for n in SEED_FILES["peer"])
     client, client_key = (directory / n for n in SEED_FILES["client"])
     pairs = [
         (ca, layout.ca_cert, PUBLIC_FILE),
@@ -88,6 +111,9 @@ def _import_pairs(
         pairs += [(ca_key, layout.ca_key, PRIVATE_FILE), (ca_key, layout.peer_ca_key, PRIVATE_FILE)]
     for member in spec.members:
         files = layout.member(member.name)
+        own = member_dirs[member.name] if member_dirs else directory
+        server, server_key = (own / n for n in SEED_FILES["server"])
+        peer, peer_key = (own / n for n in SEED_FILES["peer"])
         pairs += [
             (server, files.server_cert, PUBLIC_FILE),
             (server_key, files.server_key, PRIVATE_FILE),
@@ -99,11 +125,21 @@ def _import_pairs(
     return pairs
 
 
-def import_steps(spec: ClusterSpec, layout: StateLayout, directory: Path) -> list[Step]:
-    """Copy a seed PKI into the state dir; refuse to overwrite certificates that differ."""
+def import_steps(
+    spec: ClusterSpec,
+    layout: StateLayout,
+    directory: Path,
+    member_dirs: Mapping[str, Path] | None = None,
+    origin: str | None = None,
+) -> list[Step]:
+    """Copy a seed PKI into the state dir; refuse to overwrite certificates that differ.
+
+    `member_dirs` and `origin` serve `adopt`: each member's own pair, read from its host, and
+    where the PKI came from (the marker's `source`) instead of a directory kept on this machine.
+    """
     directory = directory.absolute()
-    validate_seed(spec, directory)
-    pairs = _import_pairs(layout, spec, directory)
+    validate_seed(spec, directory, member_dirs)
+    pairs = _import_pairs(layout, spec, directory, member_dirs)
     for source, target, _ in pairs:
         if target.exists() and target.read_bytes() != source.read_bytes():
             raise PKIError(
@@ -117,9 +153,10 @@ def import_steps(spec: ClusterSpec, layout: StateLayout, directory: Path) -> lis
         )
         for source, target, mode in pairs
     ]
+    peer_dir = member_dirs[spec.members[0].name] if member_dirs else directory
     marker = {
-        "source": str(directory),
-        "peer_cn": common_name(pki.load_cert(directory / SEED_FILES["peer"][0])),
+        "source": origin or str(directory),
+        "peer_cn": common_name(pki.load_cert(peer_dir / SEED_FILES["peer"][0])),
     }
     data = (json.dumps(marker, indent=2) + "\n").encode()
     marker_path = layout.pki_dir / IMPORT_MARKER

@@ -144,14 +144,18 @@ def pair_ok(cert_path: Path, key_path: Path) -> bool:
 
 def _ca_step(spec: ClusterSpec, title: str, cert_path: Path, key_path: Path, cn: str) -> Step:
     def run() -> None:
-        if cert_path.exists() or key_path.exists():
+        # The key lands first: a key without its certificate is a creation cut short (nothing
+        # can have been signed yet) and is replaced; a certificate without its key is not.
+        if cert_path.exists():
             raise PKIError(
                 f"{cert_path}: CA certificate and key do not match or one is missing; "
                 "restore both from backup (a new CA would lock out every existing certificate)"
             )
         key = pki.generate_key(spec.pki.key_algorithm)
         cert = pki.issue_ca(cn, key, day_span(spec.pki.ca_validity_days))
-        swap_pair(cert_path, key_path, cert, key)
+        ensure_dir(key_path.parent)
+        atomic_write(key_path, pki.key_to_pem(key), PRIVATE_FILE)
+        atomic_write(cert_path, pki.cert_to_pem(cert), PUBLIC_FILE)
 
     return Step(title, lambda: _signing_ok(cert_path, key_path), run)
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from etcdforge import render
+from etcdforge.binaries import Version
 from etcdforge.layout import StateLayout
+from etcdforge.ops.cert_import import peer_allowed_cn
 from etcdforge.release import Release, version_dir
 from etcdforge.services import systemd
 from etcdforge.services.runtime import ServiceAction
@@ -30,10 +32,31 @@ def host_member_files(paths: HostPathsSpec) -> render.MemberFiles:
     return render.MemberFiles(data_dir=Path(paths.data_dir), pki_dir=Path(paths.pki_dir))
 
 
-def desired(spec: ClusterSpec, layout: StateLayout, member: MemberSpec, token: str) -> Desired:
+def desired(
+    spec: ClusterSpec,
+    layout: StateLayout,
+    member: MemberSpec,
+    token: str,
+    initial_state: str = "new",
+    initial_cluster: str | None = None,
+    version: Version | None = None,
+) -> Desired:
+    """`initial_state`/`initial_cluster`: see `render.etcd_settings` (a member that joins);
+    `version`: the release the member runs (which corruption checks it supports)."""
     paths = spec.host_paths
     files = host_member_files(paths)
-    env_text = render.as_env_file(render.etcd_settings(spec, member, files, token))
+    allowed_cn = peer_allowed_cn(layout)  # an imported single-CA PKI: pin the peer port
+    settings = render.etcd_settings(
+        spec,
+        member,
+        files,
+        token,
+        initial_state,
+        peer_allowed_cn=allowed_cn,
+        initial_cluster=initial_cluster,
+        version=version,
+    )
+    env_text = render.as_env_file(settings)
     local = layout.member(member.name)
     pki = [
         (PurePosixPath(files.trusted_ca), local.trusted_ca, False),

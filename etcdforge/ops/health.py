@@ -17,7 +17,8 @@ import time
 from collections.abc import Sequence
 
 from etcdforge.client import EndpointStatus, EtcdClient
-from etcdforge.errors import ServiceError
+from etcdforge.errors import EtcdClientError, ServiceError
+from etcdforge.interrupt import checkpoint
 from etcdforge.record import ClusterRecord
 from etcdforge.services.runtime import MemberRuntime
 
@@ -51,6 +52,7 @@ async def wait_healthy(
     unhealthy: dict[str, str] = {}
     async with EtcdClient(record.endpoints, record.admin_tls, timeout=2.0) as client:
         for _ in range(int(timeout / HEALTH_POLL) + 10):
+            checkpoint("while waiting for every member to be healthy")
             unhealthy = await unhealthy_members(client, record)
             now = time.monotonic()
             if not unhealthy or now > deadline:
@@ -86,10 +88,39 @@ async def require_healthy(
         raise ServiceError(f"not {before}: the cluster is not healthy ({exc})") from None
 
 
+async def wait_caught_up(record: ClusterRecord, name: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """Until `name` has the raft index the leader had when the wait began: a member just
+    restarted is healthy as soon as it has a leader, before it has replayed what it missed."""
+    endpoint = record.member(name).client_url
+    async with EtcdClient(record.endpoints, record.admin_tls, timeout=2.0) as client:
+        leader = next((s for s in await client.statuses() if s.is_leader), None)
+        target = (leader.raft_index or 0) if leader is not None else 0
+        deadline = time.monotonic() + timeout
+        reached = 0
+        for _ in range(int(timeout / HEALTH_POLL) + 10):
+            reached = (await client.status(endpoint)).raft_index or 0
+            if reached >= target or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(HEALTH_POLL)
+    if reached < target:
+        raise ServiceError(
+            f"member {name} did not catch up with the leader in {timeout:.0f} s (raft index "
+            f"{reached} < {target}); check its disk and network, then rerun"
+        )
+
+
 async def leader_name(record: ClusterRecord) -> str | None:
     async with EtcdClient(record.endpoints, record.admin_tls, timeout=3.0) as client:
         statuses = await client.statuses()
     return next((record.name_of(s.endpoint) for s in statuses if s.is_leader), None)
+
+
+async def leader_or_none(record: ClusterRecord) -> str | None:
+    """The leader's name, or None when no member answers (then there is nothing to hand off)."""
+    try:
+        return await leader_name(record)
+    except EtcdClientError:
+        return None
 
 
 def successor(statuses: Sequence[EndpointStatus], leaving: str) -> EndpointStatus | None:

@@ -127,18 +127,23 @@ def host_steps(
     facts: HostFacts,
     release: releases.Release,
     want: Desired,
+    taking_over: bool = False,
 ) -> list[AsyncStep]:
-    """In order: distribution unit off, user, release, directories, PKI, env file, unit."""
+    """In order: distribution unit off, user, release, directories, PKI, env file, unit.
+
+    `taking_over`: the host still runs an adopted member under its own unit, which the rolling
+    conversion switches off (`ops.convert`); until then ours is installed but not enabled.
+    """
     paths = spec.host_paths
     steps: list[AsyncStep] = []
     distro = facts.distro
     if distro.fragment and distro.fragment != str(paths.unit) and distro.switched_on:
-        steps.append(_distro_step(host, paths.unit.name, distro.fragment))
+        steps += [] if taking_over else [_distro_step(host, paths.unit.name, distro.fragment)]
     steps.append(_user_step(host, paths))
     steps += _release_steps(host, paths, release)
     steps.append(_dirs_step(host, paths))
     steps += _file_steps(host, paths, want)
-    steps += _unit_steps(host, paths)
+    steps += _unit_steps(host, paths, enable=not taking_over)
     return steps
 
 
@@ -150,6 +155,14 @@ def _user_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
 
 
 def _release_steps(host: Host, paths: HostPathsSpec, release: releases.Release) -> list[AsyncStep]:
+    """The release goes in beside the others; which one runs (`current`) is switched per
+    member in the services phase, right before that member starts or restarts. A host with no
+    `current` yet (new, rebuilt, or adopted: its etcd runs its own binary) gets it pointed here,
+    so `etcdctl`/`etcdutl` work at once (a restore runs them before any member starts)."""
+
+    async def has_current() -> bool:
+        return await releases.current_version(host, paths) is not None
+
     return [
         AsyncStep(
             f"install etcd {release.tag} into {releases.version_dir(paths, release)}",
@@ -157,9 +170,14 @@ def _release_steps(host: Host, paths: HostPathsSpec, release: releases.Release) 
             lambda: releases.install(host, paths, release),
         ),
         AsyncStep(
-            f"point {paths.bin_dir}/etcd{{,ctl,utl}} at {release.tag}",
-            lambda: releases.is_switched(host, paths, release),
-            lambda: releases.switch(host, paths, release),
+            f"point {paths.releases_dir}/current at {release.tag} (the host's first release)",
+            has_current,
+            lambda: releases.point_current(host, paths, release.tag),
+        ),
+        AsyncStep(
+            f"link {paths.bin_dir}/etcd{{,ctl,utl}} through {paths.releases_dir}/current",
+            lambda: releases.links_in_place(host, paths),
+            lambda: releases.link_bins(host, paths),
         ),
     ]
 
@@ -181,21 +199,23 @@ def _file_steps(host: Host, paths: HostPathsSpec, want: Desired) -> list[AsyncSt
     return steps
 
 
-def _unit_steps(host: Host, paths: HostPathsSpec) -> list[AsyncStep]:
+def _unit_steps(host: Host, paths: HostPathsSpec, enable: bool = True) -> list[AsyncStep]:
     unit = paths.unit.name
 
     async def reloaded() -> bool:
         state = await systemd.unit_state(host, unit)
         return state.fragment == str(paths.unit) and not state.need_reload
 
-    return [
-        AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host)),
-        AsyncStep(
-            f"enable {unit}",
-            lambda: systemd.is_enabled(host, unit),
-            lambda: systemd.enable(host, unit),
-        ),
-    ]
+    steps = [AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host))]
+    if enable:
+        steps.append(
+            AsyncStep(
+                f"enable {unit}",
+                lambda: systemd.is_enabled(host, unit),
+                lambda: systemd.enable(host, unit),
+            )
+        )
+    return steps
 
 
 def _distro_step(host: Host, unit: str, fragment: str) -> AsyncStep:

@@ -25,7 +25,7 @@ from etcdforge.ops import restore
 from etcdforge.ops.kubeadm_config import cluster_endpoints
 from etcdforge.ops.plan import SILENT, PlanResult, Progress, Step, execute
 from etcdforge.ops.status import query_status
-from etcdforge.ops.target import Selection, record_for
+from etcdforge.ops.target import Selection, record_to_change
 from etcdforge.record import ClusterRecord
 from etcdforge.tls import TLSFiles
 
@@ -289,7 +289,7 @@ def migrate(
     paths.validate()
     kubeadm.api_version(api)
     url = _check_source_url(source)
-    record = record_for(selection)
+    record = record_to_change(selection, "kubeadm migrate")
     work = _Work(record)
     resumed = work.read_progress()
     if resumed is not None and resumed.source != url:

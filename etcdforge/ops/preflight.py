@@ -178,8 +178,13 @@ def check(
     paths: HostPathsSpec,
     facts: HostFacts,
     token: str | None,
+    takeover_pid: int | None = None,
 ) -> None:
-    """Refuse a host that would break or be broken by the change; the message names the fix."""
+    """Refuse a host that would break or be broken by the change; the message names the fix.
+
+    `takeover_pid`: an adopted member's etcd, still under its own unit, that the change takes
+    over: the ports it holds and the data dir it runs on are this member's.
+    """
     label = host.label
     if facts.uid != "0":
         raise PreflightError(
@@ -206,8 +211,8 @@ def check(
                 f"{label}: only {free >> 20} MiB free for {where} (need {minimum >> 20} MiB); "
                 "free some space or move host_paths"
             )
-    _check_ports(label, member, paths, facts)
-    if facts.data_owner(token) is DataDirOwner.OTHER:
+    _check_ports(label, member, paths, facts, takeover_pid)
+    if takeover_pid is None and facts.data_owner(token) is DataDirOwner.OTHER:
         raise foreign_data(
             label,
             paths.data_dir,
@@ -216,9 +221,15 @@ def check(
         )
 
 
-def _check_ports(label: str, member: MemberSpec, paths: HostPathsSpec, facts: HostFacts) -> None:
+def _check_ports(
+    label: str,
+    member: MemberSpec,
+    paths: HostPathsSpec,
+    facts: HostFacts,
+    takeover_pid: int | None = None,
+) -> None:
     unit = facts.unit
-    ours = unit.main_pid if unit.running and not facts.foreign_unit(paths) else None
+    ours = unit.main_pid if unit.running and not facts.foreign_unit(paths) else takeover_pid
     for port in (member.client_port, member.peer_port):
         for listener in facts.listeners:
             if listener.port != port or listener.address not in (

@@ -28,7 +28,7 @@ from etcdforge.ops.certs import (
     utcnow,
 )
 from etcdforge.ops.plan import SILENT, PlanResult, Progress, Step, execute
-from etcdforge.ops.target import Selection, record_for
+from etcdforge.ops.target import Selection, record_to_change
 from etcdforge.record import ClusterRecord
 from etcdforge.services import local
 from etcdforge.tls import TLSFiles
@@ -218,7 +218,7 @@ def renew(
     progress: Progress = SILENT,
 ) -> RenewResult:
     """Reissue leaves in place: --all, one --member, or (by default) those `check` flags."""
-    record = record_for(selection)
+    record = record_to_change(selection, "certs renew")
     leaves = cluster_leaves(record)
     if member is not None:
         require_member(record.members, member, record.name, PKIError)

@@ -94,14 +94,25 @@ def reset_steps(
 
 
 def _stop_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
+    """Done only once the member is really stopped: one still stopping (a reset killed while
+    stopping it) is waited for, never deleted from under. A unit whose file a cut-short reset
+    already removed (no fragment) is still ours while systemd has it loaded."""
     unit = paths.unit.name
 
     async def stopped() -> bool:
         state = await systemd.unit_state(host, unit)
-        not_ours = state.fragment != str(paths.unit)
-        return not_ours or (not state.running and state.enabled != "enabled")
+        if state.fragment not in ("", str(paths.unit)):
+            return True  # another unit of that name (the distribution's): not ours to stop
+        # Not stopping, not waiting to restart (auto-restart), not starting: stopped for good.
+        return state.active in ("inactive", "failed") and state.enabled != "enabled"
 
-    return AsyncStep(f"stop and disable {unit}", stopped, lambda: systemd.disable_now(host, unit))
+    async def stop() -> None:
+        if (await systemd.unit_state(host, unit)).fragment:
+            await systemd.disable_now(host, unit)
+        else:
+            await systemd.stop_now(host, unit)
+
+    return AsyncStep(f"stop and disable {unit}", stopped, stop)
 
 
 async def _purge(host: Host, paths: HostPathsSpec, token: str | None) -> None:

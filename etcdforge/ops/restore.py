@@ -53,12 +53,14 @@ class RestoreError(EtcdforgeError):
 class Snapshot:
     """One verified snapshot file on the admin machine, and how to restore it.
 
-    `bump_by` > 0 restores with `--bump-revision` and `--mark-compacted` (watchers restart).
+    `bump_by` > 0 restores with `--bump-revision` and `--mark-compacted` (watchers restart);
+    `skip_hash_check` restores a member's database copied from its data dir (no hash appended).
     """
 
     path: Path
     sha256: str
     bump_by: int
+    skip_hash_check: bool = False
 
 
 class RestoreTarget(Protocol):
@@ -210,7 +212,14 @@ class LocalTarget(_RuntimeTarget):
                 raise RestoreError(f"member {name} is running again; stop it and rerun")
             fresh = data_dir.with_name(data_dir.name + ".restoring")
             remove_tree(fresh)
-            snapshot.restore(self._tools, snap.path, fresh, self.restored(name), snap.bump_by)
+            snapshot.restore(
+                self._tools,
+                snap.path,
+                fresh,
+                self.restored(name),
+                snap.bump_by,
+                snap.skip_hash_check,
+            )
             ensure_dir(fresh)
             aside = data_dir.with_name(data_dir.name + ASIDE)
             if data_dir.exists():
@@ -248,7 +257,7 @@ set -eu
 snap=$1 data=$2 user=$3; shift 3
 fresh=$data.restoring aside=$data.pre-migrate
 trap 'rm -f -- "$snap"' EXIT
-trap 'exit 129' HUP INT TERM
+trap 'exit 129' HUP INT TERM PIPE
 rm -rf -- "$fresh"
 ETCDCTL_API=3 "$@" 2>&1 || { rc=$?; rm -rf -- "$fresh"; exit "$rc"; }
 [ -d "$fresh/member" ] || { echo "Error: the restore left no $fresh/member"; exit 5; }
@@ -324,7 +333,9 @@ class HostTarget(_RuntimeTarget):
                 )
             await host.write_file(upload, snap.path.read_bytes(), PRIVATE_FILE)
             fresh = PurePosixPath(f"{self.data_dir}.restoring")
-            argv = snapshot.restore_argv(tool, upload, fresh, self.restored(name), snap.bump_by)
+            argv = snapshot.restore_argv(
+                tool, upload, fresh, self.restored(name), snap.bump_by, snap.skip_hash_check
+            )
             script = ["sh", "-c", _RESTORE_SCRIPT, "sh", str(upload), str(self.data_dir), user]
             result = await host.run([*script, *argv], check=False, timeout=RESTORE_TIMEOUT)
             if result.code != 0:

@@ -16,7 +16,7 @@ from etcdforge.errors import EtcdClientError
 from etcdforge.ops.health import (
     HEALTH_TIMEOUT,
     hand_off_leadership,
-    leader_name,
+    leader_or_none,
     require_healthy,
     wait_healthy,
 )
@@ -40,13 +40,17 @@ async def rolling_restart(
     progress: Progress,
     timeout: float = HEALTH_TIMEOUT,
     action: MemberAction | None = None,
+    verb: str = "restart",
 ) -> list[str]:
-    """Restart (or `action`) each member named in `reasons`, one at a time; returns the order."""
+    """Restart (or `action`) each member named in `reasons`, one at a time; returns the order.
+
+    `verb` names what `action` does in progress lines and refusals ("defragment").
+    """
     if not reasons:
         return []
-    order = followers_first(list(reasons), await _leader_or_none(record))
+    order = followers_first(list(reasons), await leader_or_none(record))
     for name in order:
-        await restart_one(record, runtime, name, reasons[name], progress, timeout, action)
+        await restart_one(record, runtime, name, reasons[name], progress, timeout, action, verb)
     return order
 
 
@@ -58,25 +62,20 @@ async def restart_one(
     progress: Progress,
     timeout: float = HEALTH_TIMEOUT,
     action: MemberAction | None = None,
+    verb: str = "restart",
 ) -> None:
     """Gate, hand off if it leads, restart, wait until every member is healthy again."""
     label = runtime.label(name)
-    progress.step("cluster", f"wait for every member to be healthy before restarting {name}")
-    await require_healthy(record, runtime, f"restarting {name}", timeout)
+    progress.step("cluster", f"wait for every member to be healthy before {verb}ing {name}")
+    await require_healthy(record, runtime, f"{verb}ing {name}", timeout)
     moved = False
     with contextlib.suppress(EtcdClientError):  # no hand-off possible: an election follows
-        moved = await hand_off_leadership(record, name)
+        if len(record.members) > 1:  # a lone member has nobody to hand leadership to
+            moved = await hand_off_leadership(record, name)
     why = [reason] if reason else []
     why += ["leadership handed to a caught-up follower first"] if moved else []
     progress.step(
-        label, f"restart {runtime.service_name(name)}" + (f": {'; '.join(why)}" if why else "")
+        label, f"{verb} {runtime.service_name(name)}" + (f": {'; '.join(why)}" if why else "")
     )
     await (action or runtime.restart)(name)
     await wait_healthy(record, runtime, timeout)
-
-
-async def _leader_or_none(record: ClusterRecord) -> str | None:
-    try:
-        return await leader_name(record)
-    except EtcdClientError:
-        return None

@@ -37,7 +37,7 @@ from etcdforge.ops.rotation_plan import (
     rotation_dir,
 )
 from etcdforge.ops.runtime import settle_all
-from etcdforge.ops.target import Selection, record_for
+from etcdforge.ops.target import Selection, record_for, require_converted
 from etcdforge.record import ClusterRecord
 from etcdforge.services.local import LocalRuntime
 
@@ -105,6 +105,7 @@ def rotate_ca(
     converge: Converge | None = None
     if record.on_hosts:
         load_host_spec(selection, allow_even=True)  # needs -f, like apply
+        require_converted(record, "certs rotate-ca")
         converge = _host_converge(selection, progress, timeout)
     elif not dry_run:
         _require_live(record, timeout)

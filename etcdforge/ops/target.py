@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from etcdforge.errors import SpecError
+from etcdforge.errors import SpecError, UnsafeOperationError
 from etcdforge.layout import StateLayout, resolve_state_dir
 from etcdforge.names import SAFE_NAME
 from etcdforge.record import ClusterRecord, read_record, require_record
@@ -75,6 +75,25 @@ def record_for(selection: Selection) -> ClusterRecord:
     """The deployed cluster a read-only or teardown command acts on."""
     name, state_dir = locate(selection)
     return require_record(state_dir, name)
+
+
+def record_to_change(selection: Selection, command: str) -> ClusterRecord:
+    """The deployed cluster a changing command acts on, refused while it is an adopted cluster
+    not yet converted: its members still run the runbook's unit, not etcdforge's."""
+    record = record_for(selection)
+    require_converted(record, command)
+    return record
+
+
+def require_converted(record: ClusterRecord, command: str) -> None:
+    from etcdforge.adoption import pending
+
+    if pending(record.layout) is not None:
+        raise UnsafeOperationError(
+            f"cluster {record.name} was adopted and is not converted yet; `{command}` works on "
+            "etcdforge's own units and certificates: convert it first with "
+            "`etcdforge apply -f FILE`"
+        )
 
 
 def locate(selection: Selection) -> tuple[str, Path]:

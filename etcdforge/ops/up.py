@@ -1,37 +1,44 @@
 """`etcdforge up`: converge a local cluster to its spec and wait until every member is healthy.
 
 Everything that can be checked is checked before the first write: the spec, the binary and its
-version, the deployed record, and that no other process holds a member's ports. Then a plan of
-idempotent steps runs (PKI, configs, record, starts), so a rerun after a crash only restarts what
-is missing.
+version, the deployed record, that no other process holds a member's ports, and that the
+membership change (members added to or removed from the spec) is safe. Then membership changes
+run one at a time (`ops.member_local`, `ops.membership`), then a plan of idempotent steps (PKI,
+configs, record, starts), so a rerun after a crash only does what is missing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from etcdforge import render
-from etcdforge.binaries import check_version, find_etcd, format_version
+from etcdforge.binaries import EtcdBinary, check_version, find_etcd, format_version, parse_version
 from etcdforge.errors import ServiceError, SpecError
-from etcdforge.fsutil import PRIVATE_FILE, atomic_write
 from etcdforge.layout import StateLayout
 from etcdforge.ops.admin_state import (
     Deployment,
     build_record,
-    check_against_record,
     dir_step,
     record_step,
     state_dir_steps,
 )
 from etcdforge.ops.cert_import import peer_allowed_cn, pki_steps
 from etcdforge.ops.health import HEALTH_TIMEOUT, wait_healthy
+from etcdforge.ops.member_local import flags_step, membership
+from etcdforge.ops.member_phase import MembershipResult, converge_membership, same_members
+from etcdforge.ops.member_record import read_replacement
+from etcdforge.ops.membership import (
+    CAUTIOUS,
+    MemberOptions,
+)
 from etcdforge.ops.plan import SILENT, Progress, Step, execute
 from etcdforge.ops.runtime import settle_all
-from etcdforge.ops.target import Selection, spec_for_up
-from etcdforge.record import ClusterRecord, new_token
+from etcdforge.ops.target import Selection, deployed_spec, spec_for_up
+from etcdforge.record import ClusterRecord, new_token, read_record
 from etcdforge.services.local import LocalRuntime
 from etcdforge.spec import ClusterSpec
 
@@ -42,6 +49,7 @@ class UpResult(Deployment):
     started: tuple[str, ...]
     changed: tuple[str, ...]
     pending: tuple[str, ...]
+    membership: tuple[str, ...] = ()  # membership changes done, or planned with why (dry run)
 
 
 def port_in_use(address: str, port: int) -> bool:
@@ -67,18 +75,22 @@ def check_ports_free(spec: ClusterSpec, running: dict[str, int | None]) -> None:
                 )
 
 
-def _flags_step(path: Path, flags: list[str], name: str) -> Step:
-    """Keep the flags on disk: what a member runs with is inspectable and diffable."""
-    data = "".join(f"{flag}\n" for flag in flags).encode()
-
-    def done() -> bool:
-        try:
-            return path.read_bytes() == data
-        except FileNotFoundError:
-            return False
-
-    return Step(
-        f"write etcd flags for {name}", done, lambda: atomic_write(path, data, PRIVATE_FILE)
+def check_same_release(previous: ClusterRecord, binary: EtcdBinary) -> None:
+    """`up` never changes a cluster's etcd version: `upgrade` does, along a checked path, with
+    a snapshot first and one member at a time."""
+    deployed = parse_version(previous.version)
+    if binary.version == deployed:
+        return
+    wanted = format_version(binary.version)
+    how = (
+        f"run `etcdforge upgrade --to {wanted} --binary {binary.path}`, or set"
+        if binary.version > deployed
+        else "downgrades are refused:"
+    )
+    raise SpecError(
+        f"cluster {previous.name} runs etcd {previous.version} ({previous.binary}) but the "
+        f"spec's etcd binary {binary.path} is {wanted}: `up` never changes versions; {how} "
+        f"etcd.binary: {previous.binary} in the spec"
     )
 
 
@@ -104,12 +116,19 @@ def up_steps(
     files_steps = []
     for member in spec.members:
         files = layout.member(member.name)
+        state = record.member(member.name).initial_state
         settings = render.etcd_settings(
-            spec, member, files, record.token, peer_allowed_cn=allowed_cn
+            spec,
+            member,
+            files,
+            record.token,
+            state,
+            peer_allowed_cn=allowed_cn,
+            version=parse_version(record.version),
         )
         title = f"create the data directory of {member.name}"
         files_steps.append(dir_step(title, files.data_dir))
-        files_steps.append(_flags_step(files.flags_file, render.as_flags(settings), member.name))
+        files_steps.append(flags_step(files.flags_file, render.as_flags(settings), member.name))
     files_steps.append(record_step(layout, record))
     steps += [replace(step, phase="member files") for step in files_steps]
     runtime = LocalRuntime(record)
@@ -125,6 +144,7 @@ def up(
     progress: Progress = SILENT,
     timeout: float = HEALTH_TIMEOUT,
     pki_dir: Path | None = None,
+    options: MemberOptions = CAUTIOUS,
 ) -> UpResult:
     spec, layout, previous = spec_for_up(selection, members, allow_even)
     if spec.on_hosts:
@@ -132,18 +152,24 @@ def up(
             f"cluster {spec.name}: members have ssh sections, so they run on real hosts; "
             "use `etcdforge apply -f FILE` (up runs local clusters)"
         )
-    check_against_record(spec, previous)
     binary = find_etcd(spec.etcd.binary)
+    if previous is not None:
+        check_same_release(previous, binary)
     warning = check_version(
         binary.version, dev_cluster=True, allow_unsafe=spec.etcd.allow_unsafe_version
     )
     token = previous.token if previous is not None else new_token(spec.name)
-    record = build_record(spec, layout, binary, token)
-    runtime = LocalRuntime(record)
+    runtime = LocalRuntime(build_record(spec, layout, binary, token, previous=previous))
     if previous is not None and not dry_run:
         asyncio.run(settle_all(previous, LocalRuntime(previous)))
     check_ports_free(spec, {m.name: runtime.pid(m.name) for m in spec.members})
     started: list[str] = []
+    changes = MembershipResult()
+    if previous is not None:
+        options = dataclasses.replace(options, allow_even=allow_even)
+        changes = _membership(spec, layout, previous, options, progress, timeout, dry_run)
+        previous = read_record(layout.root) or previous
+    record = build_record(spec, layout, binary, token, previous=previous)
     steps = up_steps(spec, layout, record, started, pki_dir)
     result = execute(steps, progress, dry_run)
     if not dry_run:
@@ -156,7 +182,32 @@ def up(
         version=format_version(binary.version),
         members=len(spec.members),
         started=tuple(started),
-        changed=result.changed,
+        changed=result.changed + changes.steps * (not dry_run),
         pending=result.pending,
-        warnings=(warning,) if warning else (),
+        warnings=((warning,) if warning else ()) + changes.warnings,
+        membership=changes.steps,
     )
+
+
+def _membership(
+    spec: ClusterSpec,
+    layout: StateLayout,
+    previous: ClusterRecord,
+    options: MemberOptions,
+    progress: Progress,
+    timeout: float,
+    dry_run: bool,
+) -> MembershipResult:
+    """Members joined and left, from the live member list; none when nothing can have changed."""
+    unchanged = same_members(spec, previous) and read_replacement(layout) is None
+    runtime = LocalRuntime(previous)
+    stopped = all(runtime.pid(m.name) is None for m in previous.members)
+    if unchanged and stopped:
+        return MembershipResult()  # the start steps below bring the members back
+    if stopped and not dry_run and read_replacement(layout) is None:
+        # A stopped cluster (`down`) comes back as deployed first, then its members change.
+        progress.phase("deployed members")
+        execute(up_steps(deployed_spec(previous), layout, previous, []), progress)
+        asyncio.run(wait_healthy(previous, runtime, timeout))
+    changes = membership(spec, layout, previous, progress, timeout)
+    return asyncio.run(converge_membership(changes, layout, options, progress, dry_run))

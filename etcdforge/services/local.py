@@ -8,7 +8,9 @@ running member was started with can be compared with what the spec wants now.
 Each start appends a marker line to the member's log, so a diagnosis reads only the latest start's
 lines, never an earlier run's shutdown. A stop leaves a `etcd.stopping` note (the PID) until the
 process is gone, so a command that finds a member mid-stop (the previous command was killed while
-stopping it) waits for it to finish instead of mistaking it for a failed start.
+stopping it) waits for it to finish instead of mistaking it for a failed start. A start killed
+between launching etcd and writing the pid file leaves a member without one: it is found by its
+data dir, and `settle` records its PID.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 from etcdforge.errors import ServiceError
-from etcdforge.fsutil import PRIVATE_FILE, atomic_write
+from etcdforge.fsutil import PRIVATE_FILE, atomic_write, drop_stale_temps
 from etcdforge.layout import MemberLayout
 from etcdforge.record import ClusterRecord
 from etcdforge.services.runtime import RunningMember
@@ -39,6 +41,16 @@ def command_line(pid: int) -> list[str]:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def etcd_environ(pid: int) -> dict[str, str]:
+    """The `ETCD_*` variables a process started with (etcd reads settings from them too)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    pairs = (part.decode(errors="replace").partition("=") for part in raw.split(b"\0"))
+    return {key: value for key, sep, value in pairs if sep and key.startswith("ETCD_")}
 
 
 def _is_zombie(pid: int) -> bool:
@@ -149,14 +161,31 @@ def _finish_stop(pid: int, data_dir: Path, timeout: float) -> None:
 
 
 def settle(pid_file: Path, data_dir: Path, timeout: float = STOP_TIMEOUT) -> None:
-    """Finish a stop that an earlier, interrupted command began (see the module docstring)."""
+    """Finish what an earlier, interrupted command began: a stop (see the module docstring), or
+    a start killed between launching etcd and writing its pid file (the pid is recorded now).
+    A write of the pid file or the stop note cut short left a temp file: removed here, since
+    the next write of that file may be long in coming."""
+    for path in (pid_file, stopping_file(pid_file)):
+        drop_stale_temps(path)
+    _finish_interrupted_stop(pid_file, data_dir, timeout)
+    recorded = read_pid(pid_file)
+    if recorded is not None and is_our_etcd(recorded, data_dir):
+        return
+    found = find_etcd_on(data_dir)
+    if found is not None:
+        atomic_write(pid_file, f"{found}\n".encode(), PRIVATE_FILE)
+
+
+def _finish_interrupted_stop(pid_file: Path, data_dir: Path, timeout: float) -> None:
     note = stopping_file(pid_file)
     pid = read_pid(note)
     if pid is None:
         note.unlink(missing_ok=True)
         return
-    if pid == read_pid(pid_file) and is_our_etcd(pid, data_dir):
-        _finish_stop(pid, data_dir, timeout)
+    if pid == read_pid(pid_file):
+        if is_our_etcd(pid, data_dir):
+            _finish_stop(pid, data_dir, timeout)
+        # Stopped on purpose, even if the process was gone already: not a failed start.
         pid_file.unlink(missing_ok=True)
     note.unlink(missing_ok=True)
 
@@ -214,6 +243,23 @@ def stored_flags(files: MemberLayout) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def member_binary(files: MemberLayout) -> Path | None:
+    """The etcd this member was switched to by an upgrade in progress, if any."""
+    try:
+        text = files.binary_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return Path(text) if text else None
+
+
+def set_member_binary(files: MemberLayout, binary: Path | None) -> None:
+    """Switch one member to `binary` for its next start (None: back to the cluster's own)."""
+    if binary is None:
+        files.binary_file.unlink(missing_ok=True)
+    else:
+        atomic_write(files.binary_file, f"{binary}\n".encode(), PRIVATE_FILE)
+
+
 def log_message(line: str) -> str:
     """etcd logs JSON lines; surface just the message and error fields."""
     try:
@@ -248,10 +294,14 @@ class LocalRuntime:
         files = self.files(name)
         return running_pid(files.pid_file, files.data_dir)
 
+    def binary(self, name: str) -> Path:
+        """What the member starts with: its own etcd while an upgrade rolls, else the cluster's."""
+        return member_binary(self.files(name)) or Path(self.record.binary)
+
     async def start(self, name: str) -> None:
         files = self.files(name)
         if self.pid(name) is None:
-            start(Path(self.record.binary), stored_flags(files), files.pid_file, files.log_file)
+            start(self.binary(name), stored_flags(files), files.pid_file, files.log_file)
 
     async def stop(self, name: str) -> None:
         files = self.files(name)
@@ -290,7 +340,9 @@ class LocalRuntime:
         settings = dict(
             arg[2:].split("=", 1) for arg in argv[1:] if arg.startswith("--") and "=" in arg
         )
-        return RunningMember(pid, settings, argv[0] if argv else "")
+        return RunningMember(
+            pid, settings, argv[0] if argv else "", argv=tuple(argv), env=etcd_environ(pid)
+        )
 
     async def down_reason(self, name: str) -> str | None:
         files = self.files(name)

@@ -17,7 +17,8 @@ the log of its latest start.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -55,6 +56,8 @@ class RunningMember:
     settings: dict[str, str]  # etcd settings by flag name, e.g. "initial-cluster-state"
     binary: str
     fingerprint: str | None = None  # the unit and CA files it started with (systemd)
+    argv: tuple[str, ...] = ()  # the whole command line, flags included
+    env: Mapping[str, str] = field(default_factory=dict)  # its ETCD_* environment variables
 
 
 class MemberRuntime(Protocol):

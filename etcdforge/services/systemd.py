@@ -11,6 +11,7 @@ still restarts on the next run, and a converged cluster is never restarted.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import time
 from collections.abc import Mapping
@@ -19,10 +20,13 @@ from pathlib import PurePosixPath
 
 from etcdforge.errors import ServiceError
 from etcdforge.hosts import Host, last_line
+from etcdforge.render import BOOTSTRAP_ONLY, env_name
 from etcdforge.services.runtime import START, ActionKind, RunningMember, ServiceAction
 from etcdforge.spec import HostPathsSpec
 
 FINGERPRINT_VAR = "ETCDFORGE_UNIT"
+#: A running member needs no restart for these: etcd reads them only when it bootstraps or joins.
+BOOTSTRAP_ENV = frozenset(env_name(s) for s in BOOTSTRAP_ONLY)
 RESTART_TIMEOUT = 120.0
 SETTLE_POLL = 0.2
 
@@ -164,20 +168,38 @@ class Running:
     pid: int
     environ: dict[str, str]
     exe: str
+    argv: tuple[str, ...] = ()
+
+
+ARGV_VAR = "ETCDFORGE_ARGV"  # carries the base64 of /proc/PID/cmdline in the probe's output
+_PROCESS_SCRIPT = (
+    f'cat /proc/"$1"/environ && printf "\\0{ARGV_VAR}=" && base64 -w0 /proc/"$1"/cmdline'
+    ' && printf "\\0EXE=" && readlink /proc/"$1"/exe'
+)
+
+
+def parse_process(pid: int, output: bytes) -> Running:
+    """The probe's output: environ entries, then the command line (base64), then the binary."""
+    entries = output.decode(errors="replace").split("\0")
+    environ = dict(e.split("=", 1) for e in entries if "=" in e)
+    exe = environ.pop("EXE", "").strip()
+    packed = environ.pop(ARGV_VAR, "")
+    try:
+        raw = base64.b64decode(packed, validate=True)
+    except ValueError:
+        raw = b""
+    argv = tuple(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    return Running(pid, environ, exe, argv)
 
 
 async def running_process(host: Host, state: UnitState) -> Running | None:
     if not state.running:
         return None
     pid = state.main_pid
-    script = 'cat /proc/"$1"/environ && printf "\\0EXE=" && readlink /proc/"$1"/exe'
-    result = await host.run(["sh", "-c", script, "sh", str(pid)], check=False)
+    result = await host.run(["sh", "-c", _PROCESS_SCRIPT, "sh", str(pid)], check=False)
     if result.code != 0:
         return None  # exited between the two calls
-    entries = result.stdout.decode(errors="replace").split("\0")
-    environ = dict(e.split("=", 1) for e in entries if "=" in e)
-    exe = environ.pop("EXE", "").strip()
-    return Running(pid, environ, exe)
+    return parse_process(pid, result.stdout)
 
 
 def service_action(
@@ -188,7 +210,9 @@ def service_action(
         return START
     reasons = []
     wanted = env_pairs(env_text)
-    changed = sorted(k for k, v in wanted.items() if running.settings.get(k) != v)
+    changed = sorted(
+        k for k, v in wanted.items() if running.settings.get(k) != v and k not in BOOTSTRAP_ENV
+    )
     stale = sorted(k for k in running.settings if k not in wanted)
     if changed or stale:
         reasons.append("settings " + ", ".join(changed + stale))
@@ -228,8 +252,27 @@ async def disable_now(host: Host, name: str) -> None:
     await host.run(["systemctl", "disable", "--now", "-q", name], timeout=RESTART_TIMEOUT)
 
 
+async def stop_now(host: Host, name: str) -> None:
+    """Stop a unit, waiting for the stop job (one already running included) to finish."""
+    await host.run(["systemctl", "stop", name], timeout=RESTART_TIMEOUT)
+
+
+async def switch_off(host: Host, name: str, disable: bool) -> None:
+    """Stop a member's unit (and disable it, so a reboot does not start it): one round trip,
+    and no error when it is stopped or absent already."""
+    argv = ["systemctl", "disable", "--now", "-q", name] if disable else ["systemctl", "stop", name]
+    await host.run(argv, check=False, timeout=RESTART_TIMEOUT)
+
+
 async def mask_now(host: Host, name: str) -> None:
     await host.run(["systemctl", "mask", "--now", name], timeout=RESTART_TIMEOUT)
+
+
+async def retire(host: Host, name: str) -> None:
+    """Stop, disable and mask a unit whose member etcdforge takes over (an adopted cluster's own
+    unit): it can never start a second etcd on the same data, not even after a reboot."""
+    await host.run(["systemctl", "disable", "--now", "-q", name], timeout=RESTART_TIMEOUT)
+    await host.run(["systemctl", "mask", "-q", name])
 
 
 async def is_off(host: Host, name: str) -> bool:
@@ -291,12 +334,15 @@ class SystemdRuntime:
         if found is None:
             return None
         settings = {k: v for k, v in found.environ.items() if k.startswith("ETCD_")}
-        return RunningMember(found.pid, settings, found.exe, found.environ.get(FINGERPRINT_VAR))
+        fingerprint = found.environ.get(FINGERPRINT_VAR)
+        return RunningMember(
+            found.pid, settings, found.exe, fingerprint, argv=found.argv, env=settings
+        )
 
     async def down_reason(self, name: str) -> str | None:
         state = await self.state(name)
-        if state.running and not state.crashed:
-            return None
+        if (state.running and not state.crashed) or state.in_transition:
+            return None  # running, or still starting or stopping: judged once it settles
         host = self.hosts[name]
         if not state.crashed:
             return f"{host.label}: {self.unit} is {state.active or 'not loaded'}"
