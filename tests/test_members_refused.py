@@ -3,6 +3,7 @@ nothing changed. And a promotion on 3.5.16 warns about etcd #19557."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from etcdforge.client import EtcdClient, run
+from etcdforge.client import EtcdClient, EtcdReplyError, run
 from etcdforge.tls import TLSFiles
 from tests.conftest import ClusterFactory
 from tests.helpers import CLIResult, LocalCluster, loopback_addresses, run_cli, write_spec
@@ -97,8 +98,15 @@ def test_a_second_learner_is_refused(cluster: LocalCluster) -> None:
         async with EtcdClient(endpoints(cluster), tls(cluster)) as client:
             peer = f"https://{loopback_addresses(1)[0]}:2380"
             body = {"peerURLs": [peer], "isLearner": True}
-            reply = await client.call(endpoints(cluster)[0], "/v3/cluster/member/add", body)
-            return str(reply["member"]["ID"])
+            for _ in range(40):  # etcd refuses "unhealthy cluster" for 5 s after a member start
+                try:
+                    reply = await client.call(endpoints(cluster)[0], "/v3/cluster/member/add", body)
+                    return str(reply["member"]["ID"])
+                except EtcdReplyError as exc:
+                    if "unhealthy cluster" not in str(exc):
+                        raise
+                    await asyncio.sleep(0.5)
+            raise AssertionError("etcd kept refusing the member add: unhealthy cluster")
 
     async def remove(member_id: str) -> None:
         async with EtcdClient(endpoints(cluster), tls(cluster)) as client:

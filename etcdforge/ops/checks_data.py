@@ -92,7 +92,12 @@ def db_quota(member: MemberFacts, facts: Facts) -> Verdict:
     seen = f"db {size(status.db_size)} of quota {size(quota)} ({used:.0%})"
     if not member.inspected:
         seen += " (quota assumed: settings not read)"
-    if used >= 1:
+    nospace = any(
+        a.alarm == "NOSPACE" and facts.name_of_id(a.member_id) in (None, member.name)
+        for a in facts.alarms or ()
+    )  # etcd raised it at its own count of the quota, which a db size read later may trail
+    if used >= 1 or nospace:
+        seen += "; NOSPACE raised" if nospace else ""
         return failed(seen, "compact and defragment, or raise --quota-backend-bytes (max 8 GiB)")
     if used >= QUOTA_WARN:
         return warned(seen, "compact and defragment, or raise --quota-backend-bytes")
