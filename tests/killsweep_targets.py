@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 
 from tests.helpers import LocalCluster
-from tests.load import tls_context
+from tests.killsweep import SweepReport
+from tests.load import WriteLoad, tls_context
 
 #: mkstemp's `.NAME.XXXXXXXX` (fsutil.write_temp) and the suffixes of snapshots and restores.
 LOCAL_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$|\.part$|\.restoring$|\.pre-migrate$")
@@ -168,3 +169,13 @@ class HostsTarget:
             out = host.run("sh", "-c", _HOST_LEFTOVERS, "sh", self.unit, flag, check=False)
             found += [f"{host.name}: {line}" for line in out.stdout.splitlines() if line.strip()]
         return found
+
+
+def write_load(target: LocalTarget, prefix: str) -> WriteLoad:
+    """The writer a local sweep runs under (every acknowledged write is read back at the end)."""
+    return WriteLoad(target.endpoints, target.admin_files(), prefix, reload=True)
+
+
+def require_passed(report: SweepReport) -> None:
+    print(report.summary())
+    assert report.ok, report.details()

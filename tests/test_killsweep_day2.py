@@ -24,8 +24,8 @@ from tests.backup_helpers import only_json
 from tests.conftest import start_cluster, stop_cluster
 from tests.helpers import LocalCluster, require_binary
 from tests.kill_inside import Inside
-from tests.killsweep import Sweep, SweepReport, sweep
-from tests.killsweep_targets import LocalTarget
+from tests.killsweep import Sweep, sweep
+from tests.killsweep_targets import LocalTarget, require_passed, write_load
 from tests.load import WriteLoad
 from tests.test_maintenance import fragment
 
@@ -47,18 +47,9 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         stop_cluster(started)
 
 
-def _load(target: LocalTarget, prefix: str) -> WriteLoad:
-    return WriteLoad(target.endpoints, target.admin_files(), prefix, reload=True)
-
-
-def _passed(report: SweepReport) -> None:
-    print(report.summary())
-    assert report.ok, report.details()
-
-
 def _written(target: LocalTarget, prefix: str) -> WriteLoad:
     """A second of acknowledged writes, finished: what every later round must still hold."""
-    with _load(target, prefix) as load:
+    with write_load(target, prefix) as load:
         time.sleep(1.0)
     assert len(load.acked) > 10
     return load
@@ -91,8 +82,8 @@ def test_member_replace(cluster: LocalCluster) -> None:
         Inside("etcdforge.ops.member_local:LocalProvisioner.provision", "after"),  # files, no start
         BEFORE_PID_FILE,
     ]
-    with _load(target, "replace") as load:
-        _passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
+    with write_load(target, "replace") as load:
+        require_passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
 
 
 def test_defrag(cluster: LocalCluster) -> None:
@@ -110,10 +101,10 @@ def test_defrag(cluster: LocalCluster) -> None:
         assert all(sizes[n] < fragmented[n] / 2 for n in sizes), (fragmented, sizes)
 
     args = ["defrag", *cluster.args]
-    with _load(target, "defrag") as load:
+    with write_load(target, "defrag") as load:
         # Which member leads (defragmented last, after a hand-off) changes from round to round.
         spec = Sweep(args, target, POINTS, load=load, prepare=prepare, check=check, max_rounds=8)
-        _passed(sweep(spec))
+        require_passed(sweep(spec))
 
 
 def test_backup(cluster: LocalCluster) -> None:
@@ -127,11 +118,11 @@ def test_backup(cluster: LocalCluster) -> None:
         assert verified.code == 0, verified.stderr
 
     planted = [Inside("etcdforge.snapshot:_run", "during", "save", delay=0.05)]
-    with _load(target, "backup") as load:
+    with write_load(target, "backup") as load:
         # The source (a follower) changes from round to round: more rounds to reach every line.
         spec = Sweep(["backup", *cluster.args], target, POINTS, load=load, check=check,
                      planted=planted, max_rounds=8)  # fmt: skip
-        _passed(sweep(spec))
+        require_passed(sweep(spec))
 
 
 def test_restore(cluster: LocalCluster) -> None:
@@ -147,7 +138,7 @@ def test_restore(cluster: LocalCluster) -> None:
         Inside("etcdforge.snapshot:_run", "during", "restore", delay=0.05),  # etcdutl running
         BEFORE_PID_FILE,
     ]
-    _passed(sweep(Sweep(args, target, POINTS, check=lambda: _all_there(before, target),
+    require_passed(sweep(Sweep(args, target, POINTS, check=lambda: _all_there(before, target),
                         planted=planted)))  # fmt: skip
 
 
@@ -167,7 +158,7 @@ def test_recover_after_losing_two_members(cluster: LocalCluster) -> None:
     args = ["recover", *cluster.args, "--from-member", "m1", "--yes"]
     spec = Sweep(args, target, POINTS, prepare=lose_quorum,
                  check=lambda: _all_there(before, target), planted=[BEFORE_PID_FILE])  # fmt: skip
-    _passed(sweep(spec))
+    require_passed(sweep(spec))
 
 
 def test_upgrade_3_5_16_to_3_5_30(tmp_path: Path) -> None:
@@ -194,7 +185,7 @@ def test_upgrade_3_5_16_to_3_5_30(tmp_path: Path) -> None:
         BEFORE_PID_FILE,
     ]
     try:
-        _passed(sweep(Sweep(args, target, POINTS, prepare=fresh_3_5_16, check=check,
+        require_passed(sweep(Sweep(args, target, POINTS, prepare=fresh_3_5_16, check=check,
                             planted=planted)))  # fmt: skip
     finally:
         stop_cluster(cluster)

@@ -23,9 +23,8 @@ from etcdforge.tls import TLSFiles
 from tests.conftest import start_cluster, stop_cluster
 from tests.helpers import LocalCluster, require_binary, run_cli, spec_data, write_spec
 from tests.kill_inside import Inside
-from tests.killsweep import Sweep, SweepReport, sweep
-from tests.killsweep_targets import LocalTarget
-from tests.load import WriteLoad
+from tests.killsweep import Sweep, sweep
+from tests.killsweep_targets import LocalTarget, require_passed, write_load
 from tests.test_kubeadm_cluster import Stacked, fill, registry, start_stacked
 
 pytestmark = pytest.mark.slow
@@ -44,15 +43,6 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         yield started
     finally:
         stop_cluster(started)
-
-
-def _load(target: LocalTarget, prefix: str) -> WriteLoad:
-    return WriteLoad(target.endpoints, target.admin_files(), prefix, reload=True)
-
-
-def _passed(report: SweepReport) -> None:
-    print(report.summary())
-    assert report.ok, report.details()
 
 
 def _certs_check(cluster: LocalCluster) -> None:
@@ -85,7 +75,9 @@ def test_up_from_nothing(tmp_path: Path) -> None:
     ]
     args = ["up", *cluster.args]
     try:
-        _passed(sweep(Sweep(args, target, POINTS, prepare=purge, check=check, planted=planted)))
+        require_passed(
+            sweep(Sweep(args, target, POINTS, prepare=purge, check=check, planted=planted))
+        )
     finally:
         purge()
 
@@ -109,7 +101,7 @@ def test_down_purge(tmp_path: Path) -> None:
     target = LocalTarget(cluster, running=False)
     args = ["down", "--purge", *cluster.args]
     spec = Sweep(args, target, 4, prepare=deploy, check=check, healthy_after=False, planted=planted)
-    _passed(sweep(spec))
+    require_passed(sweep(spec))
 
 
 def test_up_on_a_crashed_member(cluster: LocalCluster) -> None:
@@ -124,8 +116,10 @@ def test_up_on_a_crashed_member(cluster: LocalCluster) -> None:
 
     args = ["up", *cluster.args]
     planted = [BEFORE_PID_FILE]
-    with _load(target, "crash") as load:
-        _passed(sweep(Sweep(args, target, POINTS, load=load, prepare=crash, planted=planted)))
+    with write_load(target, "crash") as load:
+        require_passed(
+            sweep(Sweep(args, target, POINTS, load=load, prepare=crash, planted=planted))
+        )
 
 
 # --- certificates ---------------------------------------------------------------------------------
@@ -148,8 +142,8 @@ def test_certs_renew_all_new_key(cluster: LocalCluster) -> None:
         Inside("os:replace", "before", "server.key"),
         Inside("os:replace", "before", "peer.key"),
     ]
-    with _load(target, "renew") as load:
-        _passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
+    with write_load(target, "renew") as load:
+        require_passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
 
 
 def test_certs_rotate_ca(cluster: LocalCluster) -> None:
@@ -170,8 +164,8 @@ def test_certs_rotate_ca(cluster: LocalCluster) -> None:
         BEFORE_PID_FILE,
         Inside("etcdforge.fsutil:write_temp", "after", "ca.crt"),  # a trust file half-swapped
     ]
-    with _load(target, "rotate") as load:
-        _passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
+    with write_load(target, "rotate") as load:
+        require_passed(sweep(Sweep(args, target, POINTS, load=load, check=check, planted=planted)))
 
 
 # --- kubeadm migrate -----------------------------------------------------------------------------
@@ -206,4 +200,4 @@ def test_kubeadm_migrate(
         Inside("pathlib:Path.rename", "before", "data.restoring"),  # old data aside, new not in
         Inside("etcdforge.ops.restore:start_all", "during", delay=0.3),
     ]
-    _passed(sweep(Sweep(args, target, POINTS, check=check, planted=planted)))
+    require_passed(sweep(Sweep(args, target, POINTS, check=check, planted=planted)))
