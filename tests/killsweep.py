@@ -16,7 +16,9 @@ lying around) that should not be. A sweep checks it for one command:
    and kill that rerun at the next, and so on; the last rerun must complete. A run that fails
    instead (exit non-zero without being killed) is a broken promise: it is recorded, and rerun
    (bounded) so the report says how many reruns a kill really needed. Points a round never
-   reached (a step its reruns found done) are tried in the next round. `prepare` must give each
+   reached (a step its reruns found done) are tried in the next round; a point a run outran
+   (it ended sooner after the point's line than the calibration did) is moved into the time
+   that run had after the line. `prepare` must give each
    round the same work (crash the same member, say), or the lines will not match.
    **Planted** points (`tests.kill_inside`: an exact place in the code, like "between launching
    etcd and writing its pid file") come first in a round, in the order given.
@@ -261,9 +263,19 @@ def _round(
         elif status == "killed":
             timed = [p for p in timed if p != outcome.point]
         elif status in ("completed", "hopeless"):
-            return timed, planted
+            return _moved_in(timed, outcome.outran), planted
     chain.report.problems.append("a round did not complete within its run budget")
     return timed, planted
+
+
+def _moved_in(
+    timed: list[KillPoint], outran: tuple[KillPoint, KillPoint] | None
+) -> list[KillPoint]:
+    """The pending points, the one a completed run outran moved to where its run still was."""
+    if outran is None:
+        return timed
+    point, moved = outran
+    return sorted([moved if p == point else p for p in timed], key=lambda p: (p.index, p.delay))
 
 
 def _after_round(spec: Sweep, report: SweepReport) -> None:

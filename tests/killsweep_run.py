@@ -58,6 +58,8 @@ class Outcome:
     stdout: str
     stderr: str
     point: KillPoint | None = None  # the point it was killed at
+    outran: tuple[KillPoint, KillPoint] | None = None  # (a point armed when the run ended
+    # before its instant, the same point moved into the time the run had after its line)
 
     @property
     def last_line(self) -> str:
@@ -87,6 +89,17 @@ class Aim:
             self.unmatched.setdefault(same_step(line.text), []).append(index)
         self.pending = list(pending)
         self.armed: tuple[float, KillPoint] | None = None
+        self.armed_since = 0.0  # when the armed point's line came
+
+    def outran(self, ended: float) -> tuple[KillPoint, KillPoint] | None:
+        """The armed point moved into the time this run really had after its line: half of it.
+        A run that skips steps a kill left done may end sooner after a line than the
+        calibration did; the next try of the point must still land inside the run."""
+        if self.armed is None:
+            return None
+        point = self.armed[1]
+        delay = max(0.001, round((ended - self.armed_since) / 2, 3))
+        return point, KillPoint(point.index, min(point.delay, delay), point.text)
 
     def launched(self, now: float) -> None:
         self._arm(-1, now)
@@ -106,6 +119,7 @@ class Aim:
         point = next((p for p in self.pending if p.index == index), None)
         if self.armed is None and point is not None:
             self.armed = (now + point.delay, point)
+            self.armed_since = now
 
 
 @dataclass(frozen=True)
@@ -177,7 +191,8 @@ def run_cli(
     for reader in readers:
         reader.join(timeout=10)
     code = None if point is not None and send.signum == signal.SIGKILL else proc.returncode
-    return Outcome(code, lines, "".join(out), "".join(err), point)
+    outran = aim.outran(time.monotonic()) if aim is not None and point is None else None
+    return Outcome(code, lines, "".join(out), "".join(err), point, outran)
 
 
 def _wait(
