@@ -148,7 +148,7 @@ class Sweep:
     prepare: Callable[[], None] = lambda: None
     check: Callable[[], None] = lambda: None
     env: Mapping[str, str] = field(default_factory=dict)
-    max_rounds: int = 4
+    max_rounds: int = 8  # rounds run only while points remain; this bounds a sweep that stalls
     healthy_after: bool = True  # False for commands that take the cluster away (down, reset)
     seed: int | None = None
     name: str = ""  # in the report; default: the command's words before its first option

@@ -22,9 +22,12 @@ from tests.helpers import REPO
 from tests.kill_inside import Inside
 
 STEP_MARK = "→"
-#: Numbers that differ from run to run: three digits or more (revisions, time stamps, PIDs) and
-#: measures (90%, 3.7 MiB, 0.5 s). Short names like m2 or etcd-1 are kept.
-VARYING_NUMBER = re.compile(r"\d{3,}|\d+(?:\.\d+)?(?=\s*(?:%|[KMG]i?B\b|s\b))")
+#: Numbers that differ from run to run: a number standing alone (revision 86, 94 keys), three
+#: digits or more anywhere (time stamps, PIDs, ports) and measures (90%, 3.7 MiB, 0.5 s). Names
+#: and versions are kept: m2, etcd-1, 3.5.30, 10.0.0.2.
+VARYING_NUMBER = re.compile(
+    r"(?<![\w.-])\d+(?![\w.-])|\d{3,}|\d+(?:\.\d+)?(?=\s*(?:%|[KMG]i?B\b|s\b))"
+)
 RUN_TIMEOUT = 300.0  # one run of the command
 
 

@@ -17,6 +17,7 @@ import httpx
 
 MAX_REQUESTS = 20_000
 MAX_SECONDS = 900.0
+SERVING_WAIT = 30.0  # a member still starting when the acknowledged writes are read back
 
 
 def tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -114,8 +115,20 @@ class WriteLoad:
         counts = {}
         with self._client() as client:
             for endpoint in endpoints:
-                counts[endpoint] = len(wanted - read_keys(client, endpoint, self.prefix))
+                counts[endpoint] = len(wanted - self._read_when_serving(client, endpoint))
         return counts
+
+    def _read_when_serving(self, client: httpx.Client, endpoint: str) -> set[str]:
+        """The keys on one member, waiting (bounded) while it is not serving yet: a member
+        replaying its log after a restart holds its port open but answers no handshake."""
+        deadline = time.monotonic() + SERVING_WAIT
+        while True:
+            try:
+                return read_keys(client, endpoint, self.prefix)
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 def read_keys(client: httpx.Client, endpoint: str, prefix: str) -> set[str]:

@@ -103,7 +103,7 @@ def test_defrag(cluster: LocalCluster) -> None:
     args = ["defrag", *cluster.args]
     with write_load(target, "defrag") as load:
         # Which member leads (defragmented last, after a hand-off) changes from round to round.
-        spec = Sweep(args, target, POINTS, load=load, prepare=prepare, check=check, max_rounds=8)
+        spec = Sweep(args, target, POINTS, load=load, prepare=prepare, check=check)
         require_passed(sweep(spec))
 
 
@@ -121,7 +121,7 @@ def test_backup(cluster: LocalCluster) -> None:
     with write_load(target, "backup") as load:
         # The source (a follower) changes from round to round: more rounds to reach every line.
         spec = Sweep(["backup", *cluster.args], target, POINTS, load=load, check=check,
-                     planted=planted, max_rounds=8)  # fmt: skip
+                     planted=planted)  # fmt: skip
         require_passed(sweep(spec))
 
 

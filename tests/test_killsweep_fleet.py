@@ -152,6 +152,5 @@ def test_reset_purge_data(deployed: Deployed) -> None:
         check=check,
         healthy_after=False,
         planted=planted,
-        max_rounds=6,
     )
     _passed(sweep(spec))

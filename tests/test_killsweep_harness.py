@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from tests.killsweep import _moved_in, kill_points
-from tests.killsweep_run import Aim, KillPoint, Line
+from tests.killsweep_run import Aim, KillPoint, Line, same_step
 
 TIMELINE = [
     Line(0.5, "→ m1: stop"),
@@ -37,3 +37,11 @@ def test_nothing_moves_when_no_point_was_armed() -> None:
     aim.seen("→ m1: stop", 10.0)
     assert aim.outran(11.0) is None
     assert _moved_in([KillPoint(1, 0.2, "→ m2: stop")], None) == [KillPoint(1, 0.2, "→ m2: stop")]
+
+
+def test_a_step_is_the_same_step_whatever_its_numbers() -> None:
+    first = same_step("→ admin: snapshot verified: revision 86, 94 keys (3.7 MiB in 0.5 s)")
+    assert first == same_step("→ admin: snapshot verified: revision 112, 120 keys (4 MiB in 1 s)")
+    kept = "→ m2 (etcd-1): start etcd on etcd 3.5.30"
+    assert same_step(kept) == kept
+    assert same_step("→ m1: stop") != same_step("→ m2: stop")
