@@ -170,6 +170,8 @@ def test_a_target_that_cannot_start_is_rolled_back_then_the_real_one_goes_in(
     assert versions(cluster) == ["3.5.30"] * 3
     assert writes.missing(endpoints(cluster)) == dict.fromkeys(endpoints(cluster), 0)
     assert "keep the snapshot this upgrade took first" in done.stderr  # the one before the try
+    assert "etcd 3.5.30 is affected by GHSA-6vch-q96h-7gc3" in done.stderr
+    assert "etcd 3.5.16 is affected" not in done.stderr  # it runs nowhere any more
     assert f"next: {cluster.spec_path}: set etcd.binary: {binary('3.5.30')}" in done.stdout
     runtime = LocalRuntime(read_record(cluster.state_dir))  # type: ignore[arg-type]
     assert {str(runtime.binary(m["name"])) for m in cluster.data["members"]} == {binary("3.5.30")}

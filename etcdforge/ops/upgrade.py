@@ -217,6 +217,14 @@ def _binary_for(
     return _target_binary(request, spec_binary)
 
 
+def _advised(path: UpgradePath, outcome: UpgradeOutcome | None) -> list[Version]:
+    """The versions whose advisories to print: before an upgrade (a dry run) what runs and the
+    target, to pick a good target by; after it only the target, since nothing else runs now."""
+    if outcome is not None and not outcome.dry_run:
+        return [path.target]
+    return [*path.running.values(), path.target]
+
+
 def _result(
     record: ClusterRecord,
     request: UpgradeRequest,
@@ -229,6 +237,6 @@ def _result(
         state_dir=record.layout.root,
         path=path.describe(),
         outcome=outcome,
-        advisories=tuple(advisories.notes([*path.running.values(), path.target])),
+        advisories=tuple(advisories.notes(_advised(path, outcome))),
         warnings=(path.warning,) if path.warning else (),
     )
