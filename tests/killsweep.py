@@ -18,8 +18,8 @@ lying around) that should not be. A sweep checks it for one command:
    (bounded) so the report says how many reruns a kill really needed. Points a round never
    reached (a step its reruns found done) are tried in the next round; a point a run outran
    (it ended sooner after the point's line than the calibration did) is moved into the time
-   that run had after the line. `prepare` must give each
-   round the same work (crash the same member, say), or the lines will not match.
+   that run had after the line. `prepare` must give each round the same work (crash the same
+   member, say), or the lines will not match.
    **Planted** points (`tests.kill_inside`: an exact place in the code, like "between launching
    etcd and writing its pid file") come first in a round, in the order given.
 4. **checks** after each round: every member healthy (`Target.unhealthy`), the command's own
@@ -177,7 +177,7 @@ def kill_points(
             (before[-1][0], before[-1][1].at, before[-1][1].text) if before else (-1, 0.0, "")
         )
         points.add(KillPoint(index, round(instant - at, 3) or 0.001, text))
-    return sorted(points, key=lambda p: (p.index, p.delay))
+    return sorted(points)
 
 
 def sweep(spec: Sweep) -> SweepReport:
@@ -275,7 +275,7 @@ def _moved_in(
     if outran is None:
         return timed
     point, moved = outran
-    return sorted([moved if p == point else p for p in timed], key=lambda p: (p.index, p.delay))
+    return sorted(moved if p == point else p for p in timed)
 
 
 def _after_round(spec: Sweep, report: SweepReport) -> None:

@@ -37,9 +37,10 @@ class Line:
     text: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class KillPoint:
-    """Kill `delay` seconds after timeline line `index` appears (index -1: after launch)."""
+    """Kill `delay` seconds after timeline line `index` appears (index -1: after launch); points
+    sort in the order a run meets them."""
 
     index: int
     delay: float
