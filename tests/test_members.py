@@ -3,10 +3,12 @@ every case under a write load read back from every member, the CLI killed midway
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 
 from etcdforge.client import EtcdClient, run
 from etcdforge.ops.down import down
+from etcdforge.ops.membership import OBSERVE_TIMEOUT, catch_up_view
 from etcdforge.ops.target import Selection
 from etcdforge.tls import TLSFiles
 from tests.conftest import ClusterFactory
@@ -183,3 +186,28 @@ def test_replace_a_lost_member_then_the_leader_then_the_first_member(
     no_drift(cluster)
     for name in ("m1", "m3"):  # old data renamed aside; m2 had none left
         assert list((files / name).glob("data.removed-*"))
+
+
+def test_the_catch_up_poll_does_not_wait_on_a_learner_too_busy_to_answer(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A learner taking in a large snapshot answers late; the poll asks it briefly and goes on
+    with the voters' view (etcd's own readiness check decides the promotion)."""
+    cluster = cluster_factory("busy", 3, "3.5.30")
+    endpoints = [endpoint(m) for m in cluster.data["members"]]
+    with socket.socket() as silent:  # accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        learner = f"https://127.0.0.1:{silent.getsockname()[1]}"
+
+        async def view() -> tuple[list[Any], int | None]:
+            tls = TLSFiles(*admin_files(cluster.state_dir))
+            async with EtcdClient([*endpoints, learner], tls, timeout=OBSERVE_TIMEOUT) as client:
+                # Bounded below the client's own timeout: waiting that long is the bug.
+                return await asyncio.wait_for(catch_up_view(client, learner), OBSERVE_TIMEOUT - 1)
+
+        voters, index = run(view())
+    assert index is None
+    assert sorted(s.endpoint for s in voters) == sorted(endpoints)
+    assert [s.healthy for s in voters] == [True, True, True]
+    assert sum(s.is_leader for s in voters) == 1

@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from etcdforge.client import EtcdClient, EtcdReplyError
+from etcdforge.client import EndpointStatus, EtcdClient, EtcdReplyError
 from etcdforge.errors import EtcdClientError, ServiceError, UnsafeOperationError
 from etcdforge.names import initial_cluster
 from etcdforge.ops.health import HEALTH_TIMEOUT, hand_off_leadership, wait_healthy
@@ -71,6 +71,7 @@ RECONFIG_POLL = 0.25
 CATCH_UP_POLL = 0.2
 MAX_CHANGES = 16  # bounds a converge loop: a 7-member cluster replaced entirely is 14 changes
 OBSERVE_TIMEOUT = 3.0
+LEARNER_ASK = 0.5  # a learner applying a snapshot is busy: ask briefly, poll again
 OBSERVE_POLL = 0.5
 ELECTION_GRACE = 15.0  # a lost leader is replaced within a few election timeouts
 
@@ -248,23 +249,30 @@ class Membership:
         return str(reply["member"]["ID"])
 
     async def _promote_when_ready(self, name: str, member_id: str, endpoint: str) -> None:
-        """Poll the learner's raft index against the leader's; promote once etcd will accept."""
-        deadline = time.monotonic() + self.timeout
-        shown = ""
-        async with self._client(self.record.endpoints, OBSERVE_TIMEOUT) as client:
+        """Poll the learner's raft index against the leader's; promote once etcd will accept.
+
+        A learner taking in a large snapshot answers its status late or not at all, while the
+        leader may already count it in sync: then the promotion is simply tried, and etcd's own
+        readiness check ("can only promote a learner member which is in sync with leader")
+        decides."""
+        deadline, shown, endpoint = time.monotonic() + self.timeout, "", endpoint.rstrip("/")
+        learner_last = sorted(self.record.endpoints, key=lambda e: e.rstrip("/") == endpoint)
+        async with self._client(learner_last, OBSERVE_TIMEOUT) as client:
             for _ in range(int(self.timeout / CATCH_UP_POLL) + 10):
                 if not await _is_learner(client, member_id):
                     return  # promoted already (a previous run was killed right after)
-                mine, leader = await _indexes(client, endpoint)
+                voters, mine = await catch_up_view(client, endpoint)
+                leader = next((s.raft_index for s in voters if s.is_leader), None)
                 share = catch_up(mine, leader)
                 line = f"catching up: raft index {mine or 0} of {leader or '?'}"
                 line += f" ({share:.0%})" if share is not None else ""
                 if line != shown:
                     self.progress.step(self.runtime.label(name), line)
                     shown = line
-                if share is not None and share >= PROMOTE_READY and await self._promote(member_id):
+                ready = leader is not None and (share is None or share >= PROMOTE_READY)
+                if ready and await self._promote(client, member_id, voters):
                     self.progress.step("cluster", f"member promote {name}: it votes now")
-                    self._warn_promotion(await client.statuses())
+                    self._warn_promotion(voters)
                     return
                 if time.monotonic() > deadline:
                     break
@@ -277,10 +285,15 @@ class Membership:
             "check its log and network, then rerun (a larger --timeout for a large database)"
         )
 
-    async def _promote(self, member_id: str) -> bool:
-        """Promote; False while etcd says the learner is not in sync yet."""
+    async def _promote(
+        self, client: EtcdClient, member_id: str, voters: Collection[EndpointStatus]
+    ) -> bool:
+        """Promote through the leader (or a voter that answered); False while etcd says "not in
+        sync yet"."""
+        leader_first = sorted(voters, key=lambda v: not v.is_leader)
+        answering = [v.endpoint for v in leader_first if v.member_id is not None]
         try:
-            await self._reconfig("/v3/cluster/member/promote", {"ID": member_id}, set(), False)
+            await _ask_any(client, "/v3/cluster/member/promote", {"ID": member_id}, answering)
         except EtcdReplyError as exc:
             if "in sync with leader" in str(exc) or "unhealthy cluster" in str(exc):
                 return False
@@ -413,10 +426,12 @@ def join_list(live: Collection[LiveMember], change: MemberChange) -> str:
     )
 
 
-async def _ask_any(client: EtcdClient, path: str, body: dict[str, Any]) -> Any:
+async def _ask_any(
+    client: EtcdClient, path: str, body: dict[str, Any], endpoints: Sequence[str] = ()
+) -> Any:
     """The first member that answers decides: its error is etcd's answer, not a network fault."""
     errors = []
-    for endpoint in client.endpoints:
+    for endpoint in endpoints or client.endpoints:
         try:
             return await client.call(endpoint, path, body)
         except EtcdReplyError:
@@ -431,9 +446,21 @@ async def _is_learner(client: EtcdClient, member_id: str) -> bool:
     return any(m.id == member_id and m.is_learner for m in members)
 
 
-async def _indexes(client: EtcdClient, endpoint: str) -> tuple[int | None, int | None]:
-    """The learner's raft index and the leader's."""
-    statuses = await client.statuses()
-    mine = next((s.raft_index for s in statuses if s.endpoint == endpoint.rstrip("/")), None)
-    leader = next((s.raft_index for s in statuses if s.is_leader), None)
-    return mine, leader
+async def catch_up_view(
+    client: EtcdClient, learner: str
+) -> tuple[list[EndpointStatus], int | None]:
+    """The voters' statuses, and the learner's raft index if it answers within `LEARNER_ASK`."""
+    learner = learner.rstrip("/")
+
+    async def learner_index() -> int | None:
+        try:
+            reply = await client.call(learner, "/v3/maintenance/status", timeout=LEARNER_ASK)
+        except EtcdClientError:
+            return None
+        return int(reply.get("raftIndex", 0))
+
+    voters = [e for e in client.endpoints if e != learner]
+    statuses, mine = await asyncio.gather(
+        asyncio.gather(*(client.status(e) for e in voters)), learner_index()
+    )
+    return list(statuses), mine
