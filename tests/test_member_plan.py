@@ -9,6 +9,7 @@ from etcdforge.errors import SpecError, UnsafeOperationError
 from etcdforge.ops.member_plan import (
     ChangeKind,
     LiveMember,
+    MemberChange,
     Replacement,
     Wanted,
     catch_up,
@@ -16,6 +17,7 @@ from etcdforge.ops.member_plan import (
     plan_membership,
     promotion_warning,
 )
+from etcdforge.ops.membership import join_list
 
 
 def wanted(*names: str) -> list[Wanted]:
@@ -183,3 +185,12 @@ def test_catch_up_share() -> None:
     assert catch_up(90, 100) == 0.9
     assert catch_up(120, 100) == 1.0
     assert catch_up(None, 100) is None and catch_up(5, 0) is None
+
+
+def test_a_joining_member_lists_the_cluster_in_the_spec_order() -> None:
+    """Listed as the files phase writes it, so nothing is rewritten once the member is in;
+    members the spec does not name (about to leave) come last, the live members always all."""
+    change = MemberChange(ChangeKind.ADD, "c", "https://c:2380")
+    joined = join_list(live("b", "x", "a"), change, ["a", "b", "c"])
+    assert joined == "a=https://a:2380,b=https://b:2380,c=https://c:2380,x=https://x:2380"
+    assert join_list(live("b", "a"), change) == "b=https://b:2380,a=https://a:2380,c=https://c:2380"

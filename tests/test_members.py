@@ -191,8 +191,8 @@ def test_replace_a_lost_member_then_the_leader_then_the_first_member(
 def test_the_catch_up_poll_does_not_wait_on_a_learner_too_busy_to_answer(
     cluster_factory: ClusterFactory,
 ) -> None:
-    """A learner taking in a large snapshot answers late; the poll asks it briefly and goes on
-    with the voters' view (etcd's own readiness check decides the promotion)."""
+    """A learner applying a large snapshot answers late: the poll asks it briefly and has the
+    voters' view at once, so it notices the moment the learner has caught up."""
     cluster = cluster_factory("busy", 3, "3.5.30")
     endpoints = [endpoint(m) for m in cluster.data["members"]]
     with socket.socket() as silent:  # accepts connections and never answers

@@ -225,7 +225,7 @@ class Membership:
         member_id = change.member_id
         if member_id is None:
             await self._refuse_data(name)
-        joined = join_list(live, change)
+        joined = join_list(live, change, [m.name for m in self.spec.members])
         self.progress.step(label, f"install {name}'s certificates and settings (state existing)")
         await self.provisioner.provision(name, self.record.token, joined)
         if member_id is None:
@@ -251,10 +251,10 @@ class Membership:
     async def _promote_when_ready(self, name: str, member_id: str, endpoint: str) -> None:
         """Poll the learner's raft index against the leader's; promote once etcd will accept.
 
-        A learner taking in a large snapshot answers its status late or not at all, while the
-        leader may already count it in sync: then the promotion is simply tried, and etcd's own
-        readiness check ("can only promote a learner member which is in sync with leader")
-        decides."""
+        Promoted only once the learner itself answers with its raft index caught up: the leader
+        may count it in sync as soon as a snapshot is sent, but a voter still applying that
+        snapshot serves nothing and makes the quorum larger. A learner busy applying is asked
+        briefly (`LEARNER_ASK`), so the poll notices at once when it is done."""
         deadline, shown, endpoint = time.monotonic() + self.timeout, "", endpoint.rstrip("/")
         learner_last = sorted(self.record.endpoints, key=lambda e: e.rstrip("/") == endpoint)
         async with self._client(learner_last, OBSERVE_TIMEOUT) as client:
@@ -269,7 +269,7 @@ class Membership:
                 if line != shown:
                     self.progress.step(self.runtime.label(name), line)
                     shown = line
-                ready = leader is not None and (share is None or share >= PROMOTE_READY)
+                ready = share is not None and share >= PROMOTE_READY
                 if ready and await self._promote(client, member_id, voters):
                     self.progress.step("cluster", f"member promote {name}: it votes now")
                     self._warn_promotion(voters)
@@ -415,15 +415,17 @@ async def observe(
     return found
 
 
-def join_list(live: Collection[LiveMember], change: MemberChange) -> str:
-    """What a joining member's --initial-cluster must say: exactly the cluster's members."""
+def join_list(live: Collection[LiveMember], change: MemberChange, order: Sequence[str] = ()) -> str:
+    """What a joining member's --initial-cluster must say: exactly the cluster's members, in the
+    spec's `order` where it names them, so that once the spec's members are all in, the files
+    phase finds the setting as it would write it and leaves the file alone."""
     others = [m for m in live if m.id != change.member_id and m.name and m.peer_urls]
-    return initial_cluster(
-        [
-            *(Wanted(m.name, m.peer_urls[0], "") for m in others),
-            Wanted(change.name, change.peer_url, ""),
-        ]
-    )
+    members = [
+        *(Wanted(m.name, m.peer_urls[0], "") for m in others),
+        Wanted(change.name, change.peer_url, ""),
+    ]
+    rank = {name: index for index, name in enumerate(order)}
+    return initial_cluster(sorted(members, key=lambda m: rank.get(m.name, len(rank))))
 
 
 async def _ask_any(
