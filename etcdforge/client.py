@@ -185,9 +185,10 @@ class EtcdClient:
 
     # --- maintenance ------------------------------------------------------------------------
 
-    async def health(self, endpoint: str) -> tuple[bool, str | None]:
+    async def health(self, endpoint: str, timeout: float | None = None) -> tuple[bool, str | None]:
+        wait: Any = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            response = await self._http.get(f"{endpoint}/health")
+            response = await self._http.get(f"{endpoint}/health", timeout=wait)
         except httpx.HTTPError as exc:
             return False, describe_error(endpoint, exc)
         try:
@@ -199,14 +200,15 @@ class EtcdClient:
         reason = payload.get("reason") or "unhealthy"
         return False, f"{endpoint}: {reason}"
 
-    async def status(self, endpoint: str) -> EndpointStatus:
-        """Status and health of one member; failures are reported in the result, not raised."""
+    async def status(self, endpoint: str, timeout: float | None = None) -> EndpointStatus:
+        """Status and health of one member; failures are reported in the result, not raised.
+        `timeout` replaces the client's for each of the two requests (a busy member)."""
         # One after the other on the same connection: one TLS handshake per member, not two.
         try:
-            payload = await self.call(endpoint, "/v3/maintenance/status")
+            payload = await self.call(endpoint, "/v3/maintenance/status", timeout=timeout)
         except EtcdClientError as exc:
             return EndpointStatus(endpoint=endpoint, error=str(exc))
-        healthy, health_error = await self.health(endpoint)
+        healthy, health_error = await self.health(endpoint, timeout)
         header = payload.get("header", {})
         errors = tuple(payload.get("errors", []))
         return EndpointStatus(

@@ -453,16 +453,7 @@ async def catch_up_view(
 ) -> tuple[list[EndpointStatus], int | None]:
     """The voters' statuses, and the learner's raft index if it answers within `LEARNER_ASK`."""
     learner = learner.rstrip("/")
-
-    async def learner_index() -> int | None:
-        try:
-            reply = await client.call(learner, "/v3/maintenance/status", timeout=LEARNER_ASK)
-        except EtcdClientError:
-            return None
-        return int(reply.get("raftIndex", 0))
-
-    voters = [e for e in client.endpoints if e != learner]
-    statuses, mine = await asyncio.gather(
-        asyncio.gather(*(client.status(e) for e in voters)), learner_index()
-    )
-    return list(statuses), mine
+    asked = [client.status(e, LEARNER_ASK if e == learner else None) for e in client.endpoints]
+    statuses = await asyncio.gather(*asked)
+    mine = next((s.raft_index for s in statuses if s.endpoint == learner), None)
+    return [s for s in statuses if s.endpoint != learner], mine
