@@ -138,6 +138,8 @@ def test_minor_upgrade_under_load_killed_midway_then_resumed(cluster: Cluster) -
         assert rerun.code == 0, rerun.stderr
     assert "resuming: " in rerun.stderr
     assert "checked: cluster version 3.5.0; every member's HashKV agrees" in rerun.stdout
+    assert "etcd 3.5.16 is affected by GHSA-6vch-q96h-7gc3" in rerun.stderr
+    assert "etcd 3.4.23 is affected" not in rerun.stderr  # it runs nowhere any more
     assert f"next: {cluster.spec}: set etcd.version: 3.5.16, etcd.release: " in rerun.stdout
     assert cluster.versions() == ["3.5.16"] * 3 and cluster.current() == {"v3.5.16"}
     cluster.no_missing_writes(writes)

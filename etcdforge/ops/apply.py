@@ -63,7 +63,7 @@ from etcdforge.ops.membership import (
 from etcdforge.ops.plan import SILENT, PlanResult, Progress, execute, execute_async
 from etcdforge.ops.switch import HostSwitch
 from etcdforge.ops.target import Selection, spec_for_up
-from etcdforge.ops.upgrade_run import UpgradeOutcome
+from etcdforge.ops.upgrade_run import UpgradeOutcome, advised_versions
 from etcdforge.record import ClusterRecord, new_token, read_record, write_record
 from etcdforge.services.runtime import ActionKind, ServiceAction
 from etcdforge.services.systemd import SystemdRuntime, unit_name
@@ -97,7 +97,7 @@ class ApplyResult(Deployment):
     admin_changes: tuple[str, ...]
     hosts: tuple[HostResult, ...]
     upgrade: UpgradeOutcome | None = None
-    advisories: tuple[str, ...] = ()  # what affects the running and the target versions
+    advisories: tuple[str, ...] = ()  # the versions of `upgrade_run.advised_versions`
     membership: tuple[str, ...] = ()  # membership changes done, or planned with why (plan)
     adoption: AdoptionReport | None = None  # an adopted cluster: findings, conversion, clients
 
@@ -150,7 +150,7 @@ def apply(
     run = Apply(spec, layout, release, dry_run, progress, timeout, previous, options)
     run.adoption, run.confirm = read_adoption(layout), confirm
     result = asyncio.run(run.converge(previous))
-    versions = [*result.path.running.values()] if result.path else []
+    advised = advised_versions(result.path, result.upgrade, release.version)
     return ApplyResult(
         cluster=spec.name,
         state_dir=layout.root,
@@ -162,7 +162,7 @@ def apply(
         membership=result.members.steps,
         adoption=run.report,
         upgrade=result.upgrade,
-        advisories=tuple(advisories.notes([*versions, release.version])),
+        advisories=tuple(advisories.notes(advised)),
     )
 
 

@@ -29,7 +29,13 @@ from etcdforge.ops.plan import SILENT, Progress
 from etcdforge.ops.runtime import settle_all
 from etcdforge.ops.switch import LocalSwitch
 from etcdforge.ops.target import Selection, record_to_change, spec_for_up
-from etcdforge.ops.upgrade_run import UpgradeOutcome, UpgradeRun, clear_progress, read_progress
+from etcdforge.ops.upgrade_run import (
+    UpgradeOutcome,
+    UpgradeRun,
+    advised_versions,
+    clear_progress,
+    read_progress,
+)
 from etcdforge.record import ClusterRecord, write_record
 from etcdforge.services.local import LocalRuntime, set_member_binary
 from etcdforge.spec import EtcdSpec
@@ -217,14 +223,6 @@ def _binary_for(
     return _target_binary(request, spec_binary)
 
 
-def _advised(path: UpgradePath, outcome: UpgradeOutcome | None) -> list[Version]:
-    """The versions whose advisories to print: before an upgrade (a dry run) what runs and the
-    target, to pick a good target by; after it only the target, since nothing else runs now."""
-    if outcome is not None and not outcome.dry_run:
-        return [path.target]
-    return [*path.running.values(), path.target]
-
-
 def _result(
     record: ClusterRecord,
     request: UpgradeRequest,
@@ -237,6 +235,6 @@ def _result(
         state_dir=record.layout.root,
         path=path.describe(),
         outcome=outcome,
-        advisories=tuple(advisories.notes(_advised(path, outcome))),
+        advisories=tuple(advisories.notes(advised_versions(path, outcome, path.target))),
         warnings=(path.warning,) if path.warning else (),
     )

@@ -89,6 +89,17 @@ class UpgradeOutcome:
     hash_revision: int | None = None
 
 
+def advised_versions(
+    path: UpgradePath | None, outcome: UpgradeOutcome | None, target: Version
+) -> list[Version]:
+    """The versions whose advisories to print: before an upgrade (a plan, a dry run) what runs
+    and the target, to pick a good target by; after it only the target, since nothing else
+    runs now."""
+    if path is None or (outcome is not None and not outcome.dry_run):
+        return [target]
+    return [*path.running.values(), target]
+
+
 def snapshot_name(layout: StateLayout, oldest: Version, target: Version) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return layout.snapshots_dir / f"pre-upgrade-{stamp}-v{fmt(oldest)}-to-v{fmt(target)}.db"
