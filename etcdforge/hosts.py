@@ -148,10 +148,16 @@ class Host:
         return FileState(digest, int(mode, 8), owner)
 
     async def write_file(
-        self, path: PurePosixPath, data: bytes, mode: int, owner: str = "root:root"
+        self,
+        path: PurePosixPath,
+        data: bytes,
+        mode: int,
+        owner: str = "root:root",
+        checked: bool = False,
     ) -> bool:
-        """Atomically replace `path`; returns False (and sends nothing) if it is already so."""
-        state = await self.file_state(path)
+        """Atomically replace `path`; returns False (and sends nothing) if it is already so.
+        `checked`: the caller has just found it differs, so it is not asked again."""
+        state = None if checked else await self.file_state(path)
         if state is not None and state.matches(data, mode, owner):
             return False
         argv = ["sh", "-c", _WRITE_SCRIPT, "sh", str(path), f"{mode:o}", owner, sha256(data)]

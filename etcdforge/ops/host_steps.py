@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 
@@ -37,11 +38,11 @@ def file_step(
         state = await host.file_state(path)
         return wanted is not None and state is not None and state.matches(wanted, mode, owner)
 
-    async def run() -> None:
+    async def run() -> None:  # right after is_done said no (`execute_async`)
         wanted = data()
         if wanted is None:
             raise HostError(f"{host.label}: internal: no content for {path}")
-        await host.write_file(path, wanted, mode, owner)
+        await host.write_file(path, wanted, mode, owner, checked=True)
 
     async def explain() -> str:
         state = await host.file_state(path)
@@ -98,21 +99,23 @@ def _command_step(
 def _dirs_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
     user = paths.user
     wanted = [
-        (paths.config_dir, "755", "root:root"),
-        (paths.pki_dir, "750", f"root:{user}"),
-        (paths.data_dir, "700", f"{user}:{user}"),
+        (paths.config_dir, "755", "root", "root"),
+        (paths.pki_dir, "750", "root", user),
+        (paths.data_dir, "700", user, user),
     ]
-    expect = "\n".join(f"{mode} {owner}" for _, mode, owner in wanted)
+    expect = "\n".join(f"{mode} {uid}:{gid}" for _, mode, uid, gid in wanted)
 
     async def is_done() -> bool:
-        argv = ["stat", "-c", "%a %U:%G", "--", *(str(p) for p, _, _ in wanted)]
+        argv = ["stat", "-c", "%a %U:%G", "--", *(str(w[0]) for w in wanted)]
         result = await host.run(argv, check=False)
         return result.code == 0 and result.out.strip() == expect
 
-    async def run() -> None:
-        for path, mode, owner in wanted:
-            uid, gid = owner.split(":")
-            await host.run(["install", "-d", "-m", mode, "-o", uid, "-g", gid, "--", str(path)])
+    async def run() -> None:  # one round trip for the three
+        install = (
+            ["install", "-d", "-m", mode, "-o", uid, "-g", gid, "--", str(path)]
+            for path, mode, uid, gid in wanted
+        )
+        await host.run(["sh", "-c", " && ".join(map(shlex.join, install))])
 
     return AsyncStep(
         f"create {paths.config_dir}, {paths.pki_dir}, {paths.data_dir} (0700 {user})",

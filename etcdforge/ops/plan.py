@@ -138,29 +138,31 @@ class AsyncStep:
 CONCURRENT_CHECKS = 8
 
 
-async def all_done(steps: Sequence[AsyncStep]) -> bool:
-    """Every step already done, asked concurrently: a converged host costs one round trip per
-    `CONCURRENT_CHECKS` steps instead of one per step. (Only a yes is trusted: when something is
-    left to do, the steps are checked again in order, since a step can undo a later one's
-    "done", as a new unit file does to "daemon reloaded".)"""
+async def check_all(steps: Sequence[AsyncStep]) -> list[bool]:
+    """Each step's "done", asked concurrently: a host costs one round trip per
+    `CONCURRENT_CHECKS` steps instead of one per step."""
     limit = asyncio.Semaphore(CONCURRENT_CHECKS)
 
     async def check(step: AsyncStep) -> bool:
         async with limit:
             return await step.is_done()
 
-    return all(await asyncio.gather(*(check(s) for s in steps)))
+    return list(await asyncio.gather(*(check(s) for s in steps)))
 
 
 async def execute_async(
     steps: Sequence[AsyncStep], progress: Progress = SILENT, dry_run: bool = False, where: str = ""
 ) -> PlanResult:
+    """Every step is checked at once; the answers hold up to the first step that runs (and all
+    of them in a dry run, where nothing runs). After a step has run, the later ones are checked
+    again in order, since a step can undo a later one's "done", as a new unit file does to
+    "daemon reloaded"."""
     changed: list[str] = []
     pending: list[str] = []
-    if await all_done(steps):
-        return PlanResult(changed=(), pending=())
-    for step in steps:
-        if await step.is_done():
+    known = await check_all(steps)
+    for index, step in enumerate(steps):
+        done = known[index] if dry_run or not changed else await step.is_done()
+        if done:
             continue
         if dry_run:
             detail = await step.explain() if step.explain else ""
