@@ -52,6 +52,18 @@ sum=$(sha256sum < "$1") || exit 1
 stat -c "${sum%% *} %a %U:%G" -- "$1"
 """
 
+_MATCH_SCRIPT = r"""
+[ -f "$1" ] && [ ! -L "$1" ] || exit 3
+sum=$(sha256sum < "$1") || exit 1
+[ "$(stat -c "${sum%% *} %a %U:%G" -- "$1")" = "$2" ]
+"""
+
+
+def file_matches(path: PurePosixPath, data: bytes, mode: int, owner: str) -> list[str]:
+    """A command that exits 0 when `path` holds `data` with `mode` and `owner`: the question
+    `FileState.matches` answers, asked on the host so that it can join a batch (`exit_codes`)."""
+    return ["sh", "-c", _MATCH_SCRIPT, "sh", str(path), f"{sha256(data)} {mode:o} {owner}"]
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -128,6 +140,21 @@ class Host:
             reason = last_line(result.err) or last_line(result.out) or "no output"
             raise HostError(f"{self.label}: `{_short(argv)}` failed (exit {result.code}): {reason}")
         return result
+
+    async def exit_codes(self, commands: Sequence[Sequence[str]]) -> list[int]:
+        """Several commands in one round trip, each one's exit status (their output dropped).
+        Every command costs the host a session, a login's work and (with sudo) PAM: a host's
+        checks asked this way cost that once."""
+        script = "\n".join(
+            f"({shlex.join(argv)}) </dev/null >/dev/null 2>&1; echo $?" for argv in commands
+        )
+        found = (await self.run(["sh", "-c", script])).out.split()
+        if len(found) != len(commands) or not all(code.isdigit() for code in found):
+            raise HostError(
+                f"{self.label}: {len(commands)} checks gave {len(found)} answers; rerun, and "
+                "check the host's shell if this repeats"
+            )
+        return [int(code) for code in found]
 
     async def read_file(self, path: PurePosixPath) -> bytes | None:
         script = '[ -f "$1" ] || exit 3; cat -- "$1"'

@@ -281,9 +281,17 @@ def version_dir(paths: HostPathsSpec, release: Release) -> PurePosixPath:
     return PurePosixPath(paths.releases_dir) / release.tag
 
 
-async def is_installed(host: Host, paths: HostPathsSpec, release: Release) -> bool:
-    marker = await host.read_file(version_dir(paths, release) / MARKER)
-    return marker is not None and marker.decode().strip() == release.sha256
+def installed_check(paths: HostPathsSpec, release: Release) -> list[str]:
+    """Exits 0 when the release is unpacked whole: its marker names the tarball's sha256."""
+    marker = version_dir(paths, release) / MARKER
+    return [
+        "sh",
+        "-c",
+        '[ "$(cat -- "$1" 2>/dev/null)" = "$2" ]',
+        "sh",
+        str(marker),
+        release.sha256,
+    ]
 
 
 _UNPACK_SCRIPT = r"""
@@ -315,11 +323,14 @@ async def install(host: Host, paths: HostPathsSpec, release: Release) -> None:
     await host.run([*script, *args], timeout=300)
 
 
+def current_check(paths: HostPathsSpec) -> list[str]:
+    """Exits 0 when the stable path `<releases_dir>/current` exists (names some release)."""
+    return ["readlink", str(PurePosixPath(paths.releases_dir) / "current")]
+
+
 async def current_version(host: Host, paths: HostPathsSpec) -> str | None:
     """The tag the stable path points at now (`v3.5.17`), or None."""
-    result = await host.run(
-        ["readlink", str(PurePosixPath(paths.releases_dir) / "current")], check=False
-    )
+    result = await host.run(current_check(paths), check=False)
     return result.out.strip() or None if result.code == 0 else None
 
 
@@ -328,13 +339,13 @@ def _links(paths: HostPathsSpec) -> list[tuple[str, str]]:
     return [(str(PurePosixPath(paths.bin_dir) / b), str(current / b)) for b in BINARIES]
 
 
-async def links_in_place(host: Host, paths: HostPathsSpec) -> bool:
-    """`<bin_dir>/etcd{,ctl,utl}` point through `<releases_dir>/current` (whatever it names)."""
+def links_check(paths: HostPathsSpec) -> list[str]:
+    """Exits 0 when `<bin_dir>/etcd{,ctl,utl}` point through `<releases_dir>/current`."""
     checks = " && ".join(
         f'[ "$(readlink {shlex.quote(link)})" = {shlex.quote(target)} ]'
         for link, target in _links(paths)
     )
-    return (await host.run(["sh", "-c", checks], check=False)).code == 0
+    return ["sh", "-c", checks]
 
 
 _SWAP_LINK = 'set -eu; ln -sfn -- "$1" "$2.tmp"; mv -Tf -- "$2.tmp" "$2"'

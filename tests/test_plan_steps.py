@@ -4,9 +4,14 @@ step's answer may be trusted only while nothing has run since it was asked."""
 from __future__ import annotations
 
 import asyncio
+import grp
+import os
+import pwd
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
-from etcdforge.ops.plan import AsyncStep, execute_async
+from etcdforge.hosts import CommandResult, LocalHost, file_matches
+from etcdforge.ops.plan import AsyncStep, Probe, check_all, execute_async, probed
 
 
 @dataclass
@@ -64,3 +69,49 @@ def test_a_dry_run_lists_what_is_left_from_one_round_of_checks() -> None:
     assert result.pending == ("dirs", "env")
     assert result.changed == ()
     assert len(machine.log) == 3 and all(line.startswith("check") for line in machine.log)
+
+
+class CountingHost(LocalHost):
+    """This machine, counting the commands it is sent (each would be a session on a host)."""
+
+    def __init__(self) -> None:
+        super().__init__("counting")
+        self.sessions = 0
+
+    async def _exec(self, command: str, input: bytes | None, timeout: float) -> CommandResult:
+        self.sessions += 1
+        return await super()._exec(command, input, timeout)
+
+
+def test_a_hosts_probes_are_asked_in_one_command(tmp_path: Path) -> None:
+    host = CountingHost()
+    present, missing = tmp_path / "present", tmp_path / "missing"
+    present.write_bytes(b"data\n")
+    present.chmod(0o640)
+    owner = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    ran: list[str] = []
+
+    def step(title: str, argv: list[str] | None) -> AsyncStep:
+        async def run() -> None:
+            ran.append(title)
+
+        return probed(title, Probe(host, lambda: argv), run)
+
+    steps = [
+        step("same file", file_matches(PurePosixPath(present), b"data\n", 0o640, owner)),
+        step("other mode", file_matches(PurePosixPath(present), b"data\n", 0o600, owner)),
+        step("other data", file_matches(PurePosixPath(present), b"else\n", 0o640, owner)),
+        step("no file", file_matches(PurePosixPath(missing), b"data\n", 0o640, owner)),
+        step("no content yet", None),
+        step("true", ["true"]),
+    ]
+    assert asyncio.run(check_all(steps)) == [True, False, False, False, False, True]
+    assert host.sessions == 1
+    # run: the first step left to do runs without a second question; later ones are asked again
+    host.sessions = 0
+    result = asyncio.run(execute_async(steps))
+    assert result.changed == ("other mode", "other data", "no file", "no content yet")
+    assert ran == list(result.changed)
+    # the batch; then "other data", "no file" and "true" asked again ("no content yet" needs no
+    # question), each after a step ran
+    assert host.sessions == 1 + 3

@@ -14,9 +14,9 @@ from pathlib import PurePosixPath
 
 from etcdforge import release as releases
 from etcdforge.errors import HostError
-from etcdforge.hosts import Host, sha256
+from etcdforge.hosts import Host, file_matches, sha256
 from etcdforge.ops.desired import Desired, read_or_none
-from etcdforge.ops.plan import AsyncStep
+from etcdforge.ops.plan import AsyncStep, Probe, probed
 from etcdforge.ops.preflight import HostFacts
 from etcdforge.services import systemd
 from etcdforge.spec import ClusterSpec, HostPathsSpec
@@ -33,10 +33,9 @@ def file_step(
     owner: str,
     secret: bool = False,
 ) -> AsyncStep:
-    async def is_done() -> bool:
+    def check() -> list[str] | None:
         wanted = data()
-        state = await host.file_state(path)
-        return wanted is not None and state is not None and state.matches(wanted, mode, owner)
+        return None if wanted is None else file_matches(path, wanted, mode, owner)
 
     async def run() -> None:  # right after is_done said no (`execute_async`)
         wanted = data()
@@ -60,7 +59,7 @@ def file_step(
             notes.append(f"owner {state.owner} -> {owner}")
         return "; ".join(notes)
 
-    return AsyncStep(title, is_done, run, explain)
+    return probed(title, Probe(host, check), run, explain)
 
 
 async def _diff(host: Host, path: PurePosixPath, wanted: bytes) -> str:
@@ -86,14 +85,11 @@ async def _diff(host: Host, path: PurePosixPath, wanted: bytes) -> str:
 def _command_step(
     host: Host, title: str, check: Sequence[str], do: Sequence[Sequence[str]]
 ) -> AsyncStep:
-    async def is_done() -> bool:
-        return (await host.run(check, check=False)).code == 0
-
     async def run() -> None:
         for argv in do:
             await host.run(argv)
 
-    return AsyncStep(title, is_done, run)
+    return probed(title, Probe(host, lambda: check), run)
 
 
 def _dirs_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
@@ -104,11 +100,8 @@ def _dirs_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
         (paths.data_dir, "700", user, user),
     ]
     expect = "\n".join(f"{mode} {uid}:{gid}" for _, mode, uid, gid in wanted)
-
-    async def is_done() -> bool:
-        argv = ["stat", "-c", "%a %U:%G", "--", *(str(w[0]) for w in wanted)]
-        result = await host.run(argv, check=False)
-        return result.code == 0 and result.out.strip() == expect
+    compare = 'want=$1; shift; [ "$(stat -c "%a %U:%G" -- "$@")" = "$want" ]'
+    check = ["sh", "-c", compare, "sh", expect, *(str(w[0]) for w in wanted)]
 
     async def run() -> None:  # one round trip for the three
         install = (
@@ -117,11 +110,8 @@ def _dirs_step(host: Host, paths: HostPathsSpec) -> AsyncStep:
         )
         await host.run(["sh", "-c", " && ".join(map(shlex.join, install))])
 
-    return AsyncStep(
-        f"create {paths.config_dir}, {paths.pki_dir}, {paths.data_dir} (0700 {user})",
-        is_done,
-        run,
-    )
+    title = f"create {paths.config_dir}, {paths.pki_dir}, {paths.data_dir} (0700 {user})"
+    return probed(title, Probe(host, lambda: check), run)
 
 
 def host_steps(
@@ -163,23 +153,20 @@ def _release_steps(host: Host, paths: HostPathsSpec, release: releases.Release) 
     `current` yet (new, rebuilt, or adopted: its etcd runs its own binary) gets it pointed here,
     so `etcdctl`/`etcdutl` work at once (a restore runs them before any member starts)."""
 
-    async def has_current() -> bool:
-        return await releases.current_version(host, paths) is not None
-
     return [
-        AsyncStep(
+        probed(
             f"install etcd {release.tag} into {releases.version_dir(paths, release)}",
-            lambda: releases.is_installed(host, paths, release),
+            Probe(host, lambda: releases.installed_check(paths, release)),
             lambda: releases.install(host, paths, release),
         ),
-        AsyncStep(
+        probed(
             f"point {paths.releases_dir}/current at {release.tag} (the host's first release)",
-            has_current,
+            Probe(host, lambda: releases.current_check(paths)),
             lambda: releases.point_current(host, paths, release.tag),
         ),
-        AsyncStep(
+        probed(
             f"link {paths.bin_dir}/etcd{{,ctl,utl}} through {paths.releases_dir}/current",
-            lambda: releases.links_in_place(host, paths),
+            Probe(host, lambda: releases.links_check(paths)),
             lambda: releases.link_bins(host, paths),
         ),
     ]
@@ -205,16 +192,13 @@ def _file_steps(host: Host, paths: HostPathsSpec, want: Desired) -> list[AsyncSt
 def _unit_steps(host: Host, paths: HostPathsSpec, enable: bool = True) -> list[AsyncStep]:
     unit = paths.unit.name
 
-    async def reloaded() -> bool:
-        state = await systemd.unit_state(host, unit)
-        return state.fragment == str(paths.unit) and not state.need_reload
-
-    steps = [AsyncStep("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host))]
+    reloaded = Probe(host, lambda: systemd.reloaded_check(unit, str(paths.unit)))
+    steps = [probed("systemctl daemon-reload", reloaded, lambda: systemd.daemon_reload(host))]
     if enable:
         steps.append(
-            AsyncStep(
+            probed(
                 f"enable {unit}",
-                lambda: systemd.is_enabled(host, unit),
+                Probe(host, lambda: systemd.enabled_check(unit)),
                 lambda: systemd.enable(host, unit),
             )
         )
@@ -229,6 +213,5 @@ def _distro_step(host: Host, unit: str, fragment: str) -> AsyncStep:
     else:
         title = f"mask the distribution's {DISTRO_UNIT} ({fragment})"
         action = systemd.mask_now
-    return AsyncStep(
-        title, lambda: systemd.is_off(host, DISTRO_UNIT), lambda: action(host, DISTRO_UNIT)
-    )
+    off = Probe(host, lambda: systemd.off_check(DISTRO_UNIT))
+    return probed(title, off, lambda: action(host, DISTRO_UNIT))

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from etcdforge.interrupt import before_step
+
+if TYPE_CHECKING:
+    from etcdforge.hosts import Host
 
 
 class Progress(Protocol):
@@ -122,16 +125,40 @@ def execute(
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A check that is one command on a host: done when it exits 0. `argv` gives None when the
+    answer is known without asking (no content to compare with yet: not done)."""
+
+    host: Host
+    argv: Callable[[], Sequence[str] | None]
+
+    async def passes(self) -> bool:
+        argv = self.argv()
+        return argv is not None and (await self.host.run(argv, check=False)).code == 0
+
+
+@dataclass(frozen=True)
 class AsyncStep:
     """A step on a remote host: checking and doing both cost a round trip, so both are async.
 
-    `explain` says what the step would change (a short diff summary) for `plan`.
+    `explain` says what the step would change (a short diff summary) for `plan`. A step whose
+    check is a `Probe` is made with `probed`; `check_all` asks a host's probes in one command.
     """
 
     title: str
     is_done: Callable[[], Awaitable[bool]]
     run: Callable[[], Awaitable[object]]
     explain: Callable[[], Awaitable[str]] | None = None
+    probe: Probe | None = None
+
+
+def probed(
+    title: str,
+    probe: Probe,
+    run: Callable[[], Awaitable[object]],
+    explain: Callable[[], Awaitable[str]] | None = None,
+) -> AsyncStep:
+    return AsyncStep(title, probe.passes, run, explain, probe)
 
 
 #: Checks in flight at once on one host: sshd allows 10 sessions per connection by default.
@@ -139,15 +166,31 @@ CONCURRENT_CHECKS = 8
 
 
 async def check_all(steps: Sequence[AsyncStep]) -> list[bool]:
-    """Each step's "done", asked concurrently: a host costs one round trip per
-    `CONCURRENT_CHECKS` steps instead of one per step."""
+    """Each step's "done", asked at once: the probes of one host in one command
+    (`Host.exit_codes`), the other checks concurrently, `CONCURRENT_CHECKS` at a time."""
+    known: dict[int, bool] = {}
+    batches: dict[int, tuple[Host, list[tuple[int, Sequence[str]]]]] = {}
+    for index, step in enumerate(steps):
+        if step.probe is not None:
+            argv = step.probe.argv()
+            if argv is None:
+                known[index] = False
+            else:
+                host = step.probe.host
+                batches.setdefault(id(host), (host, []))[1].append((index, argv))
     limit = asyncio.Semaphore(CONCURRENT_CHECKS)
 
-    async def check(step: AsyncStep) -> bool:
-        async with limit:
-            return await step.is_done()
+    async def ask(host: Host, asked: list[tuple[int, Sequence[str]]]) -> None:
+        codes = await host.exit_codes([argv for _, argv in asked])
+        known.update((index, code == 0) for (index, _), code in zip(asked, codes, strict=True))
 
-    return list(await asyncio.gather(*(check(s) for s in steps)))
+    async def check(index: int, step: AsyncStep) -> None:
+        async with limit:
+            known[index] = await step.is_done()
+
+    unprobed = [check(i, s) for i, s in enumerate(steps) if s.probe is None]
+    await asyncio.gather(*(ask(host, asked) for host, asked in batches.values()), *unprobed)
+    return [known[index] for index in range(len(steps))]
 
 
 async def execute_async(

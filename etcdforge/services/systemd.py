@@ -240,8 +240,17 @@ async def daemon_reload(host: Host) -> None:
     await host.run(["systemctl", "daemon-reload"])
 
 
-async def is_enabled(host: Host, name: str) -> bool:
-    return (await host.run(["systemctl", "is-enabled", "-q", name], check=False)).code == 0
+def reloaded_check(name: str, fragment: str) -> list[str]:
+    """Exits 0 when systemd has loaded unit `name` from `fragment`, as it is on disk now."""
+    script = (
+        '[ "$(systemctl show -p FragmentPath --value -- "$1")" = "$2" ] && '
+        '[ "$(systemctl show -p NeedDaemonReload --value -- "$1")" != yes ]'
+    )
+    return ["sh", "-c", script, "sh", name, fragment]
+
+
+def enabled_check(name: str) -> list[str]:
+    return ["systemctl", "is-enabled", "-q", name]
 
 
 async def enable(host: Host, name: str) -> None:
@@ -275,10 +284,15 @@ async def retire(host: Host, name: str) -> None:
     await host.run(["systemctl", "mask", "-q", name])
 
 
-async def is_off(host: Host, name: str) -> bool:
-    """Neither running nor enabled (the distribution's unit, once taken over)."""
-    script = '! systemctl is-active -q "$1" && ! systemctl is-enabled -q "$1"'
-    return (await host.run(["sh", "-c", script, "sh", name], check=False)).code == 0
+def off_check(name: str) -> list[str]:
+    """Exits 0 when the unit neither runs nor is enabled (the distribution's, taken over)."""
+    return [
+        "sh",
+        "-c",
+        '! systemctl is-active -q "$1" && ! systemctl is-enabled -q "$1"',
+        "sh",
+        name,
+    ]
 
 
 async def forget_unit(host: Host, name: str) -> None:
