@@ -72,12 +72,20 @@ def reset_steps(
         return not await release.our_links(host, paths)
 
     config = [PurePosixPath(paths.pki_dir)] + ([env] if purge_data else [])
+    config_gone = _absent(host, *config)
+
+    async def config_removed() -> bool:
+        """Ours gone, and the directory too unless it holds files of someone else's (a reset
+        cut short between the removals and the `rmdir` leaves it empty: not done yet)."""
+        left = ["sh", "-c", '[ -d "$1" ] && [ -z "$(ls -A -- "$1")" ]', "sh", str(paths.config_dir)]
+        return await config_gone() and (await host.run(left, check=False)).code != 0
+
     return [
         *steps,
         AsyncStep(f"remove {paths.unit}", _absent(host, PurePosixPath(paths.unit)), remove_unit),
         AsyncStep(
             f"remove {paths.pki_dir}" + (f" and {env}" if purge_data else ""),
-            _absent(host, *config),
+            config_removed,
             remove_config,
         ),
         AsyncStep(

@@ -1,5 +1,6 @@
-"""How `execute_async` checks and runs a host's steps: each check costs a round trip, and a
-step's answer may be trusted only while nothing has run since it was asked."""
+"""How a host's steps are checked and run (`execute_async`): each check costs a round trip, a
+step's answer may be trusted only while nothing has run since it was asked, and a step is done
+only when everything it does is done."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path, PurePosixPath
 
 from etcdforge.hosts import CommandResult, LocalHost, file_matches
 from etcdforge.ops.plan import AsyncStep, Probe, check_all, execute_async, probed
+from etcdforge.ops.reset import reset_steps
+from etcdforge.spec import HostPathsSpec
 
 
 @dataclass
@@ -115,3 +118,20 @@ def test_a_hosts_probes_are_asked_in_one_command(tmp_path: Path) -> None:
     # the batch; then "other data", "no file" and "true" asked again ("no content yet" needs no
     # question), each after a step ran
     assert host.sessions == 1 + 3
+
+
+def test_a_reset_cut_short_before_removing_the_config_dir_is_not_done(tmp_path: Path) -> None:
+    """Found by the kill sweep of `reset --purge-data`: killed between removing the PKI and the
+    settings and the `rmdir` of their directory, the rerun took the step as done."""
+    paths = HostPathsSpec(
+        config_dir=tmp_path / "etc", pki_dir=tmp_path / "etc" / "pki", data_dir=tmp_path / "data"
+    )
+    host = LocalHost()
+    step = next(s for s in reset_steps(host, paths, None, True) if "pki" in s.title)
+    (tmp_path / "etc").mkdir()
+    assert asyncio.run(step.is_done()) is False  # ours gone, their directory still there
+    (tmp_path / "etc" / "notes.txt").write_text("someone else's\n")
+    assert asyncio.run(step.is_done()) is True  # not ours to remove: left as it is
+    (tmp_path / "etc" / "notes.txt").unlink()
+    asyncio.run(step.run())
+    assert not (tmp_path / "etc").exists()
