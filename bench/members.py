@@ -14,6 +14,10 @@ Per run, under a writer that records every acknowledged write (to the two member
 the time from the start of the command until the new member is a healthy voter (polled from
 outside), the command's whole duration, the longest gap between two acknowledged writes, and
 the acknowledged writes missing on any member afterwards. Needs root (the test fleet).
+
+For etcdforge, each run also times the interpreter and the imports the command needs, started
+the same way under the same writer just before the command: what a Python CLI pays before its
+first step, and the floor (bash and etcdctl) does not.
 Run: .venv/bin/python bench/members.py [--runs 3] [--mb 100]
 """
 
@@ -77,6 +81,7 @@ class Figures:
     voter: list[float] = field(default_factory=list)  # start -> healthy voter
     command: list[float] = field(default_factory=list)
     stalls: list[float] = field(default_factory=list)
+    startup: list[float] = field(default_factory=list)
     missing: int = 0
 
     def line(self, name: str) -> str:
@@ -193,6 +198,16 @@ def healthy_without_leading(
     raise SystemExit("the cluster did not become healthy between runs")
 
 
+STARTUP = "import asyncssh, etcdforge.cli.members, etcdforge.ops.member_replace"
+
+
+def startup_seconds(env: dict[str, str]) -> float:
+    """The interpreter and the command's imports, started as the command is."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", STARTUP], env={**os.environ, **env}, check=True)
+    return time.monotonic() - started
+
+
 def run_once(
     name: str,
     into: Figures,
@@ -207,6 +222,8 @@ def run_once(
     lose(host)
     with WriteLoad(endpoints[:2], admin, f"w{time.monotonic_ns()}", reload=True) as load:
         time.sleep(1.0)
+        if name == "etcdforge":
+            into.startup.append(startup_seconds(env))
         watch = VoterWatch(endpoints, admin, "etcd-3")
         code, timeline = timed_run(command, env, watch.started)
         took = time.monotonic() - watch.started
@@ -301,6 +318,11 @@ def main() -> None:
     voter = statistics.median(ours.voter) / statistics.median(floor.voter)
     command = statistics.median(ours.command) / statistics.median(floor.command)
     print(f"  ratio etcdforge/floor: healthy voter {voter:.2f}x, command {command:.2f}x")
+    startup = statistics.median(ours.startup)
+    print(
+        f"  start-up alone (interpreter and imports, same load): {startup:.2f} s, "
+        f"{startup / statistics.median(floor.voter):.2f}x of the floor's healthy voter"
+    )
 
 
 if __name__ == "__main__":
