@@ -46,23 +46,19 @@ trap - EXIT HUP INT TERM PIPE
 """
 
 # sha256, octal mode and owner:group of a regular file; exit 3 when there is none.
+# A file's state ("<sha256> <mode> <user>:<group>"), or, given the state wanted, whether it is so.
 _STATE_SCRIPT = r"""
 [ -f "$1" ] && [ ! -L "$1" ] || exit 3
 sum=$(sha256sum < "$1") || exit 1
-stat -c "${sum%% *} %a %U:%G" -- "$1"
-"""
-
-_MATCH_SCRIPT = r"""
-[ -f "$1" ] && [ ! -L "$1" ] || exit 3
-sum=$(sha256sum < "$1") || exit 1
-[ "$(stat -c "${sum%% *} %a %U:%G" -- "$1")" = "$2" ]
+state=$(stat -c "${sum%% *} %a %U:%G" -- "$1") || exit 1
+if [ $# -eq 1 ]; then echo "$state"; else [ "$state" = "$2" ]; fi
 """
 
 
 def file_matches(path: PurePosixPath, data: bytes, mode: int, owner: str) -> list[str]:
     """A command that exits 0 when `path` holds `data` with `mode` and `owner`: the question
     `FileState.matches` answers, asked on the host so that it can join a batch (`exit_codes`)."""
-    return ["sh", "-c", _MATCH_SCRIPT, "sh", str(path), f"{sha256(data)} {mode:o} {owner}"]
+    return ["sh", "-c", _STATE_SCRIPT, "sh", str(path), f"{sha256(data)} {mode:o} {owner}"]
 
 
 @dataclass(frozen=True)
