@@ -48,6 +48,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import httpx
+
 from tests.kill_inside import Inside
 from tests.killsweep_run import STEP_MARK, Aim, KillPoint, Line, Outcome, run_cli
 from tests.load import WriteLoad
@@ -204,7 +206,10 @@ def sweep(spec: Sweep) -> SweepReport:
     report.missed += [p.describe() for p in timed] + [f"planted {i.describe()}" for i in planted]
     if spec.load is not None:
         report.acked = len(spec.load.acked)
-        report.lost = spec.load.missing(spec.target.endpoints)
+        try:
+            report.lost = spec.load.missing(spec.target.endpoints)
+        except httpx.TransportError as exc:  # the report says why, and which round failed
+            report.failures.append(f"the acknowledged writes could not be read back: {exc}")
     report.seconds = time.monotonic() - started
     return report
 
