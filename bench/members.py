@@ -18,6 +18,7 @@ the acknowledged writes missing on any member afterwards. Needs root (the test f
 For etcdforge, each run also times the interpreter and the imports the command needs, started
 the same way under the same writer just before the command: what a Python CLI pays before its
 first step, and the floor (bash and etcdctl) does not.
+
 Run: .venv/bin/python bench/members.py [--runs 3] [--mb 100]
 """
 

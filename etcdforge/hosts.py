@@ -45,8 +45,8 @@ mv -f -- "$tmp" "$dst"
 trap - EXIT HUP INT TERM PIPE
 """
 
-# sha256, octal mode and owner:group of a regular file; exit 3 when there is none.
-# A file's state ("<sha256> <mode> <user>:<group>"), or, given the state wanted, whether it is so.
+# A regular file's state ("<sha256> <octal mode> <user>:<group>"), or, given the state wanted,
+# whether it is so; exit 3 when there is no such file.
 _STATE_SCRIPT = r"""
 [ -f "$1" ] && [ ! -L "$1" ] || exit 3
 sum=$(sha256sum < "$1") || exit 1

@@ -284,14 +284,8 @@ def version_dir(paths: HostPathsSpec, release: Release) -> PurePosixPath:
 def installed_check(paths: HostPathsSpec, release: Release) -> list[str]:
     """Exits 0 when the release is unpacked whole: its marker names the tarball's sha256."""
     marker = version_dir(paths, release) / MARKER
-    return [
-        "sh",
-        "-c",
-        '[ "$(cat -- "$1" 2>/dev/null)" = "$2" ]',
-        "sh",
-        str(marker),
-        release.sha256,
-    ]
+    same = '[ "$(cat -- "$1" 2>/dev/null)" = "$2" ]'
+    return ["sh", "-c", same, "sh", str(marker), release.sha256]
 
 
 _UNPACK_SCRIPT = r"""

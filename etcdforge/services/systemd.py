@@ -286,13 +286,8 @@ async def retire(host: Host, name: str) -> None:
 
 def off_check(name: str) -> list[str]:
     """Exits 0 when the unit neither runs nor is enabled (the distribution's, taken over)."""
-    return [
-        "sh",
-        "-c",
-        '! systemctl is-active -q "$1" && ! systemctl is-enabled -q "$1"',
-        "sh",
-        name,
-    ]
+    script = '! systemctl is-active -q "$1" && ! systemctl is-enabled -q "$1"'
+    return ["sh", "-c", script, "sh", name]
 
 
 async def forget_unit(host: Host, name: str) -> None:
